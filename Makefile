@@ -1,0 +1,59 @@
+# mrl-serve: the user-facing commands. Run from the repository root.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_CKPT ?= model_store/fashion_mnist/mrl_resnet50_fp16.pt
+DEMO_THRESHOLDS ?= model_store/fashion_mnist/thresholds.json
+CHECKPOINT ?= $(DEMO_CKPT)
+THRESHOLDS ?= $(if $(filter $(CHECKPOINT),$(DEMO_CKPT)),$(DEMO_THRESHOLDS),)
+GRAPH ?= jit
+# glibc malloc: keep freed activations mapped instead of returning them to the OS between batches
+# (measured in bench/: repeated page faults otherwise cost up to 2x at larger batches).
+export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
+export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
+
+.PHONY: help env serve archive stop test test-unit test-integration monitor bench clean
+
+help:
+	@echo "make serve     build the demo archive, start TorchServe, print a ready curl"
+	@echo "make stop      stop TorchServe"
+	@echo "make test      the whole test suite (what CI runs)"
+	@echo "make archive CHECKPOINT=path [THRESHOLDS=path]   build model_store/mrl_resnet50.mar"
+	@echo "make monitor   start Prometheus scraping the running server"
+	@echo "make bench     the benchmark (docs/benchmarks.md)"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+env: $(VENV)/.installed
+
+archive: env
+	$(PY) model_store/build_archive.py --checkpoint $(CHECKPOINT) \
+		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH)
+
+serve: archive
+	$(PY) -m model_store.serve start
+
+stop:
+	$(PY) -m model_store.serve stop
+
+test: env
+	$(PY) -m pytest -q tests
+
+test-unit: env
+	$(PY) -m pytest -q tests/unit
+
+test-integration: env
+	$(PY) -m pytest -q tests/integration
+
+monitor: env
+	$(PY) -m monitoring.prometheus start
+
+bench: env
+	$(PY) -m bench.run
+
+clean:
+	rm -rf logs model_store/*.mar key_file.json .pytest_cache

@@ -1,0 +1,110 @@
+"""The backbone path: normalized batch in, per-size probabilities and embedding out, fast.
+
+``Engine`` owns the numerics (fp32 or bf16 autocast), the memory format (channels_last) and the
+graph mode:
+
+* ``eager``   plain PyTorch;
+* ``jit``     traced and frozen TorchScript (BN folded, oneDNN fusions), any batch size;
+* ``compile`` torch.compile with inductor freezing, compiled for each serving batch size at start.
+
+The same code runs on CUDA when given a CUDA device. Calibration and evaluation use ``Engine``
+too, so thresholds are fit with the numerics that serve.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from handler.model import MRLResNet50
+
+GRAPH_MODES = ("eager", "jit", "compile")
+
+
+class _Serving(nn.Module):
+    """What runs per batch: backbone, all nested heads, softmax in fp32."""
+
+    def __init__(self, model: MRLResNet50) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.model.embed(x)                      # (B, 2048)
+        logits = self.model.fc(emb)                    # (B, S, C)
+        return F.softmax(logits.float(), dim=-1), emb.float()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class Engine:
+    """Runs an MRL model with the card's numerics, in channels_last, in one of ``GRAPH_MODES``."""
+
+    def __init__(self, model: MRLResNet50, *, numerics: str = "fp32", device: str | torch.device = "cpu",
+                 graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,)) -> None:
+        if numerics not in ("fp32", "bf16"):
+            raise ValueError(f"numerics must be 'fp32' or 'bf16', got {numerics!r}")
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph must be one of {GRAPH_MODES}, got {graph!r}")
+        self.device = torch.device(device)
+        if numerics == "bf16" and not bf16_supported(self.device):
+            raise ValueError(f"numerics 'bf16' is not supported on {self.device}; serve with 'fp32'")
+        self.numerics, self.graph, self.nesting = numerics, graph, model.nesting
+        self.autocast = numerics == "bf16"
+        module = _Serving(model.eval().to(self.device, memory_format=torch.channels_last))
+        example = torch.zeros(max(batch_sizes), 3, input_size, input_size, device=self.device
+                              ).to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if graph == "jit":
+                # Autocast's weight cache would be baked into the trace as constants of the
+                # wrong dtype; the notes in torch.jit's autocast docs ask for cache_enabled=False.
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast,
+                                    cache_enabled=False):
+                    traced = torch.jit.trace(module, example, check_trace=False)
+                module = torch.jit.freeze(traced)
+            elif graph == "compile":
+                import torch._inductor.config as inductor_config
+                inductor_config.freezing = True  # fold weights and BN into the graph
+                module = torch.compile(module, dynamic=False)
+        self.module = module
+        self.warm_up(batch_sizes, input_size)
+
+    def _autocast(self):
+        # A traced graph already holds its casts; autocast applies to eager and compiled modules.
+        enabled = self.autocast and self.graph != "jit"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def warm_up(self, batch_sizes: Sequence[int], input_size: int) -> None:
+        """Run each serving batch size once (twice for jit: its profiling executor optimizes on
+        the second call), so that no user request pays for compilation."""
+        for b in batch_sizes:
+            x = torch.zeros(b, 3, input_size, input_size, device=self.device).to(memory_format=torch.channels_last)
+            for _ in range(2 if self.graph == "jit" else 1):
+                self(x)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) normalized images -> ((B, S, C) probabilities, (B, 2048) embedding), fp32."""
+        with self._autocast():
+            probs, emb = self.module(x.to(self.device, non_blocking=True))
+        return probs, emb
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Pin intra-op threads to the cores we have (or ``threads``); one inter-op thread.
+
+    Called once by a worker at start, never at import time.
+    """
+    n = threads or int(os.environ.get("MRL_THREADS", 0)) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process: keep it
+        pass
+    return n

@@ -1,0 +1,163 @@
+"""Turning one TorchServe request item into (image bytes, options), or a typed InputError.
+
+An item is the dict TorchServe builds per request: one entry per input parameter (``body`` for a
+raw body, the field name for multipart fields). The image comes as
+* the raw body (``curl -T img.jpg``, or ``--data-binary @img.jpg`` with an image Content-Type),
+* one multipart file field (``curl -F data=@img.jpg``), or
+* JSON ``{"data": "<base64>", ...options}`` (TorchServe may hand it over already parsed).
+
+Options come as JSON fields, multipart fields, or ``X-MRL-<Option>`` headers (``X-MRL-Top-K: 3``).
+TorchServe 0.12 does not pass the URL's query string to handlers (pytorch/serve#989), so headers
+stand in for it; an option given twice is refused rather than silently picked.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from handler.errors import InputError
+
+OPTIONS = ("dim", "operating_point", "top_k", "return_embedding")
+IMAGE_FIELDS = ("body", "data", "file", "image")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated per-request options; ``dim`` None means: run the cascade."""
+
+    operating_point: str
+    dim: int | None = None
+    top_k: int = 5
+    return_embedding: bool = False
+
+
+HEADER_PREFIX = "x-mrl-"
+
+
+def parse_item(item: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
+               default_point: str, num_classes: int,
+               headers: Mapping[str, Any] | None = None) -> tuple[bytes, Options]:
+    """Split a request item (and its HTTP headers) into the encoded image and validated options."""
+    headers = {str(k).lower(): v for k, v in (headers or {}).items() if isinstance(v, (str, bytes))}
+    if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        raise InputError("the body was sent as a URL-encoded form, which mangles binary data; send the "
+                         "image with curl -T img.jpg, or --data-binary @img.jpg -H 'Content-Type: "
+                         "image/jpeg', or as a multipart field (-F data=@img.jpg)", status=415)
+    fields: dict[str, Any] = {}
+    for name, value in headers.items():
+        if name.startswith(HEADER_PREFIX):
+            fields[name[len(HEADER_PREFIX):].replace("-", "_")] = value
+    image: bytes | None = None
+    for name, value in item.items():
+        if name in IMAGE_FIELDS:
+            if isinstance(value, (bytes, bytearray)) and _looks_like_json(value):
+                value = _parse_json(value)
+            if isinstance(value, Mapping):
+                payload = dict(value)
+                if "data" not in payload:
+                    raise InputError("JSON body needs a 'data' field holding the base64-encoded image")
+                value = _b64decode(payload.pop("data"))
+                _merge(fields, payload)
+            if isinstance(value, str):
+                value = value.encode("latin-1", errors="replace")
+            if image is not None:
+                raise InputError(f"the request carries more than one image (second one in {name!r}); "
+                                 "send one image per request")
+            image = bytes(value)
+        else:
+            _merge(fields, {name: value})
+    if image is None:
+        received = ", ".join(repr(k) for k in list(item)[:8] if k.isidentifier() and len(k) <= 32) or "none"
+        raise InputError("the request has no image: send it as the body, a multipart field "
+                         f"({', '.join(IMAGE_FIELDS[1:])}) or JSON {{\"data\": <base64>}}; "
+                         f"fields received: {received}", reason="empty")
+    return image, parse_options(fields, nesting=nesting, operating_points=operating_points,
+                                default_point=default_point, num_classes=num_classes)
+
+
+def parse_options(fields: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
+                  default_point: str, num_classes: int) -> Options:
+    unknown = sorted(set(fields) - set(OPTIONS))
+    if unknown:
+        raise InputError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(OPTIONS)}",
+                         reason="bad_option")
+    values = {k: _text(v) for k, v in fields.items()}
+    if "dim" in values and "operating_point" in values:
+        raise InputError("give either dim (a fixed size) or operating_point (a cascade), not both",
+                         reason="bad_option")
+    dim = None
+    if "dim" in values:
+        dim = _int(values["dim"], "dim")
+        if dim not in nesting:
+            raise InputError(f"dim={values['dim']} is not a nesting size; allowed: "
+                             f"{', '.join(map(str, nesting))}", reason="bad_option")
+    point = values.get("operating_point", default_point)
+    if point not in operating_points:
+        raise InputError(f"operating_point={point!r} is unknown; allowed: {', '.join(operating_points)}",
+                         reason="bad_option")
+    top_k = min(5, num_classes)
+    if "top_k" in values:
+        top_k = _int(values["top_k"], "top_k")
+        if not 1 <= top_k <= num_classes:
+            raise InputError(f"top_k={values['top_k']} is out of range; allowed: 1 to {num_classes}",
+                             reason="bad_option")
+    ret = values.get("return_embedding", "false").lower()
+    if ret not in _TRUE + _FALSE:
+        raise InputError(f"return_embedding={values['return_embedding']!r} is not a boolean; "
+                         "allowed: true, false, 1, 0", reason="bad_option")
+    return Options(operating_point=point, dim=dim, top_k=top_k, return_embedding=ret in _TRUE)
+
+
+def _merge(fields: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for name, value in new.items():
+        if name in fields:
+            raise InputError(f"option {name!r} is given twice (e.g. as a header and a field); give it once",
+                             reason="bad_option")
+        fields[name] = value
+
+
+def _looks_like_json(value: bytes | bytearray) -> bool:
+    return value[:1] in (b"{", b"[")
+
+
+def _parse_json(value: bytes | bytearray) -> Any:
+    try:
+        doc = json.loads(bytes(value).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"JSON body must be an object with a 'data' field, got a {type(doc).__name__}")
+    return doc
+
+
+def _b64decode(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise InputError(f"JSON 'data' must be a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"JSON 'data' is not valid base64: {exc}", reason="decode") from None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, str)) and len(value) > 64:
+        raise InputError(f"an option value is {len(value)} characters long; options are short words "
+                         "or numbers", reason="bad_option")
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value).strip()
+    raise InputError(f"option value {value!r} must be a string, number or boolean", reason="bad_option")
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{name}={text!r} is not an integer", reason="bad_option") from None

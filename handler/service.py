@@ -1,0 +1,146 @@
+"""The serving pipeline without TorchServe: request items in, (status, JSON body) per item out.
+
+    parse + decode + crop (per item)  ->  normalize + backbone + heads (per batch)
+    ->  cascade (per batch, per-item thresholds)  ->  responses and metrics
+
+A bad item fails alone with its own 4xx; the others in the batch are answered normally.
+``handler/ts_handler.py`` is the thin TorchServe adapter around this class.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from handler.cascade import fixed_dim_row, run_cascade
+from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
+from handler.engine import Engine
+from handler.errors import InputError
+from handler.metrics import MetricsSink, NullSink
+from handler.preprocess import MAX_PIXELS, Normalizer, crop_image, decode_image
+from handler.requests import Options, parse_item
+from handler.thresholds import OperatingPoints, load_thresholds
+
+log = logging.getLogger(__name__)
+FIXED_DIM = "fixed_dim"  # operating_point reported (and used as metric label) for dim= requests
+
+
+class MRLService:
+    """Loads a model, its card and its operating points; answers batches of requests."""
+
+    def __init__(self, model, card: ModelCard, points: OperatingPoints, *, name: str = "mrl_resnet50",
+                 device: str = "cpu", graph: str = "eager", batch_sizes: Sequence[int] = (1,),
+                 sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS) -> None:
+        self.card, self.points, self.name = card, points, name
+        self.nesting = card.nesting
+        self.sink = sink or NullSink()
+        self.max_pixels = max_pixels
+        self.engine = Engine(model, numerics=card.numerics, device=device, graph=graph,
+                             input_size=card.preprocessing.crop, batch_sizes=batch_sizes)
+        self.normalize = Normalizer(card.preprocessing, device)
+        # One threshold row per operating point and per fixed dim, built once, indexed per request.
+        self._rows = {name: list(t) for name, t in points.points.items()}
+        self._rows.update({m: fixed_dim_row(self.nesting, m) for m in self.nesting})
+        if not points.fitted:
+            log.warning("no fitted thresholds: every request is answered at %d dims "
+                        "(operating_point=%s)", self.nesting[-1], points.default)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, **kwargs) -> "MRLService":
+        """Load ``checkpoint.pt`` and, if present, ``thresholds.json`` from a model folder."""
+        model_dir = Path(model_dir)
+        ckpt = model_dir / "checkpoint.pt"
+        model, card = load_mrl_resnet50(ckpt)
+        thresholds = model_dir / "thresholds.json"
+        if thresholds.exists():
+            points = load_thresholds(thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
+                                     numerics=card.numerics)
+        else:
+            points = OperatingPoints.fixed(card.nesting)
+        return cls(model, card, points, **kwargs)
+
+    def handle(self, items: Sequence[Mapping[str, Any]],
+               headers: Sequence[Mapping[str, Any]] | None = None) -> list[tuple[int, dict]]:
+        """Answer a batch: one (HTTP status, JSON-able body) per item, in order.
+
+        ``headers`` are the items' HTTP headers (for ``X-MRL-*`` options and the Content-Type);
+        they may hold credentials, so nothing here logs them.
+        """
+        self.sink.emit("mrl_batches_total", 1, (self.name,))
+        self.sink.emit("mrl_batch_items_total", len(items), (self.name,))
+        out: list[tuple[int, dict] | None] = [None] * len(items)
+        crops, opts, index = [], [], []
+
+        t0 = time.perf_counter()
+        for i, item in enumerate(items):
+            try:
+                data, opt = parse_item(item, nesting=self.nesting, operating_points=tuple(self.points.points),
+                                       default_point=self.points.default, num_classes=len(self.card.classes),
+                                       headers=headers[i] if headers else None)
+                crops.append(crop_image(decode_image(data, max_pixels=self.max_pixels), self.card.preprocessing))
+                opts.append(opt)
+                index.append(i)
+            except InputError as exc:
+                out[i] = self._error(exc)
+        t1 = time.perf_counter()
+        self.sink.emit("mrl_stage_seconds", t1 - t0, (self.name, "decode"))
+
+        if crops:
+            try:
+                probs, emb = self.engine(self.normalize(crops))
+                t2 = time.perf_counter()
+                answers = self._answer(probs, emb, opts)
+                t3 = time.perf_counter()
+                self.sink.emit("mrl_stage_seconds", t2 - t1, (self.name, "forward"))
+                self.sink.emit("mrl_stage_seconds", t3 - t2, (self.name, "cascade"))
+                for i, answer in zip(index, answers):
+                    out[i] = (200, answer)
+            except Exception:  # the batch's fault, not a request's: 500 for these items only
+                log.exception("inference failed for a batch of %d", len(crops))
+                for i in index:
+                    out[i] = (500, {"code": 500, "type": "InternalServerError",
+                                    "message": "inference failed; the error is in the server log"})
+                    self.sink.emit("mrl_request_errors_total", 1, (self.name, "internal"))
+        return out  # type: ignore[return-value]
+
+    def _error(self, exc: InputError) -> tuple[int, dict]:
+        self.sink.emit("mrl_request_errors_total", 1, (self.name, exc.reason))
+        return exc.status, exc.to_json()
+
+    def _answer(self, probs: torch.Tensor, emb: torch.Tensor, opts: list[Options]) -> list[dict]:
+        rows = [self._rows[o.dim if o.dim is not None else o.operating_point] for o in opts]
+        thresholds = torch.tensor([[float("inf") if v is None else v for v in r] for r in rows])
+        result = run_cascade(probs.cpu(), thresholds, self.nesting)
+        k_max = max(o.top_k for o in opts)
+        top_p, top_i = result.probs.topk(k_max, dim=-1)
+        classes = self.card.classes
+        answers, exits, escalations = [], Counter(), Counter()
+        for j, (o, tried) in enumerate(zip(opts, result.sizes_tried(self.nesting))):
+            dim, point = int(result.exit_dim[j]), (FIXED_DIM if o.dim is not None else o.operating_point)
+            answer = {
+                "label": classes[int(result.label[j])],
+                "class_index": int(result.label[j]),
+                "confidence": float(result.confidence[j]),
+                "embedding_dim": dim,
+                "sizes_tried": tried,
+                "operating_point": point,
+                "top_k": [{"label": classes[c], "probability": p}
+                          for c, p in zip(top_i[j, : o.top_k].tolist(), top_p[j, : o.top_k].tolist())],
+            }
+            if o.return_embedding:
+                answer["embedding"] = emb[j, :dim].tolist()
+            answers.append(answer)
+            exits[(str(dim), point)] += 1
+            escalations.update(str(m) for m in tried[:-1])
+            self.sink.emit("mrl_exit_confidence", answer["confidence"], (self.name,))
+        # Counters are emitted once per label set per batch, not once per request.
+        for (dim, point), n in exits.items():
+            self.sink.emit("mrl_cascade_exits_total", n, (self.name, dim, point))
+        self.sink.emit("mrl_embedding_dims_total", int(result.exit_dim.sum()), (self.name,))
+        for m, n in escalations.items():
+            self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))
+        return answers

@@ -1,0 +1,84 @@
+"""Threshold files: named operating points plus the meta block that ties them to one model.
+
+    {
+      "schema": "mrl-serve-thresholds/1",
+      "default": "balanced",
+      "operating_points": {"balanced": {"thresholds": {"8": 0.97, ..., "1024": null}, ...}, ...},
+      "meta": {"nesting": [8, ..., 2048], "checkpoint_sha256": "...", "numerics": "bf16", ...}
+    }
+
+A threshold is the minimum max-softmax at which that size answers; ``null`` skips the size.
+The server refuses a file fit on another checkpoint, nesting or numerics, naming both sides.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+SCHEMA = "mrl-serve-thresholds/1"
+FIXED_2048 = "fixed_2048"  # the operating point of a model served without fitted thresholds
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    """Validated operating points: name -> thresholds for every size but the last (None = skip)."""
+
+    points: dict[str, tuple[float | None, ...]]
+    default: str
+    meta: dict
+
+    def __post_init__(self) -> None:
+        if self.default not in self.points:
+            raise ValueError(f"default operating point {self.default!r} is not among {sorted(self.points)}")
+
+    @property
+    def fitted(self) -> bool:
+        return self.default != FIXED_2048
+
+    @classmethod
+    def fixed(cls, nesting: Sequence[int]) -> "OperatingPoints":
+        """No fitted thresholds: every request is answered at the largest size."""
+        return cls({FIXED_2048: (None,) * (len(nesting) - 1)}, FIXED_2048, {"nesting": list(nesting)})
+
+
+def parse_thresholds(doc: dict, *, nesting: Sequence[int], checkpoint_sha256: str | None,
+                     numerics: str | None) -> OperatingPoints:
+    """Validate a thresholds document against the model that will serve it."""
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"thresholds schema must be {SCHEMA!r}, got {doc.get('schema')!r}")
+    meta = doc.get("meta", {})
+    if list(meta.get("nesting", [])) != list(nesting):
+        raise ValueError(f"thresholds were fit for nesting {meta.get('nesting')} but the model has "
+                         f"{list(nesting)}")
+    fit_sha = meta.get("checkpoint_sha256")
+    if checkpoint_sha256 is not None and fit_sha != checkpoint_sha256:
+        raise ValueError(f"thresholds were fit on checkpoint sha256 {fit_sha} but the model is "
+                         f"sha256 {checkpoint_sha256}; refit them with calibration/fit_thresholds.py")
+    if numerics is not None and meta.get("numerics") != numerics:
+        raise ValueError(f"thresholds were fit with numerics {meta.get('numerics')!r} but the model "
+                         f"serves {numerics!r}; calibrate with the numerics that serve")
+    keys = [str(m) for m in nesting[:-1]]
+    points: dict[str, tuple[float | None, ...]] = {}
+    for name, point in doc.get("operating_points", {}).items():
+        if not name.replace("_", "").replace("-", "").isalnum() or len(name) > 32:
+            raise ValueError(f"operating point name {name!r} must be 1-32 letters, digits, '_' or '-'")
+        t = point.get("thresholds", {})
+        if sorted(t, key=int) != keys:
+            raise ValueError(f"operating point {name!r} needs thresholds for sizes {keys}, got {sorted(t, key=int)}")
+        values = tuple(t[k] for k in keys)
+        for k, v in zip(keys, values):
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ValueError(f"operating point {name!r}: threshold for size {k} must be in [0, 1] "
+                                 f"or null, got {v!r}")
+        points[name] = values
+    if not points:
+        raise ValueError("thresholds file has no operating points")
+    return OperatingPoints(points, doc.get("default", ""), meta)
+
+
+def load_thresholds(path: str | Path, **expect) -> OperatingPoints:
+    with open(path) as f:
+        return parse_thresholds(json.load(f), **expect)

@@ -1,0 +1,84 @@
+"""TorchServe entry point: the only module that touches ``ts.*``.
+
+It builds an ``MRLService`` from the model folder TorchServe unpacked (checkpoint.pt with its
+model card, optional thresholds.json) and the ``handler:`` block of model-config.yaml, then turns
+each batch into per-request HTTP statuses and JSON bodies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from ts.metrics.metric_type_enum import MetricTypes
+
+from handler.engine import configure_threads
+from handler.metrics import SPECS
+from handler.service import MRLService
+
+log = logging.getLogger(__name__)
+_TYPES = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM}
+
+
+class TorchServeSink:
+    """Forwards our metrics to TorchServe's metrics system (declared in ts_metrics.yaml)."""
+
+    def __init__(self, metrics_cache) -> None:
+        self._cache = metrics_cache
+
+    def emit(self, name: str, value: float, labels) -> None:
+        self._cache.get_metric(name, _TYPES[SPECS[name].kind]).add_or_update(value, list(labels))
+
+
+class MRLHandler:
+    def __init__(self) -> None:
+        self.service: MRLService | None = None
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        gpu = props.get("gpu_id")
+        device = f"cuda:{gpu}" if gpu is not None and _cuda_available() else "cpu"
+        threads = configure_threads(int(settings.get("threads", 0)) or None)
+        batch_size = int(props.get("batch_size") or 1)
+        self.service = MRLService.from_dir(
+            props["model_dir"], name=context.model_name, device=device,
+            graph=settings.get("graph", "eager"), batch_sizes=_warm_sizes(batch_size),
+            sink=TorchServeSink(context.metrics))
+        log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
+                 "batch_size=%d operating_points=%s default=%s", context.model_name, device, threads,
+                 self.service.engine.graph, self.service.card.numerics, batch_size,
+                 list(self.service.points.points), self.service.points.default)
+
+    def handle(self, data, context) -> list[str]:
+        headers = [context.get_all_request_header(i) for i in range(len(data))]
+        results = self.service.handle(data, headers)
+        bodies = []
+        for i, (status, body) in enumerate(results):
+            context.set_response_status(code=status, phrase="OK" if status == 200 else body["type"], idx=i)
+            context.set_response_content_type(i, "application/json")
+            bodies.append(json.dumps(body))
+        return bodies
+
+
+def _warm_sizes(batch_size: int) -> list[int]:
+    """Every batch size dynamic batching can form; warm-up runs each one once at start."""
+    return list(range(1, batch_size + 1))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_handler = MRLHandler()
+
+
+def handle(data, context):
+    """TorchServe calls this for initialization (data is None) and for every batch."""
+    if _handler.service is None:
+        _handler.initialize(context)
+    if data is None:
+        return None
+    return _handler.handle(data, context)
+

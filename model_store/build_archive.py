@@ -1,0 +1,85 @@
+"""Build a TorchServe archive (.mar) from a checkpoint, its optional thresholds and the handler.
+
+    python model_store/build_archive.py --checkpoint CKPT [--thresholds FILE] [--name NAME]
+
+The checkpoint is packed byte for byte (thresholds name its sha256), in this project's format or
+an official RAIVNLab/MRL one. Without thresholds the archive still serves, at fixed 2048 dims.
+Settings for dynamic batching and the graph mode go into the archive's model-config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.thresholds import load_thresholds
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIG = """\
+# Written by model_store/build_archive.py. TorchServe reads the top block; the handler block is ours.
+minWorkers: {workers}
+maxWorkers: {workers}
+batchSize: {batch_size}        # dynamic batching: up to this many requests per forward pass
+maxBatchDelay: {batch_delay}     # ms a partial batch waits for company; a lone request waits this long
+responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a stuck worker
+handler:
+  graph: {graph}           # eager | jit (traced + frozen) | compile (inductor + freezing)
+  threads: {threads}            # intra-op threads per worker; 0 = all cores in the worker's affinity
+"""
+
+
+def build(args: argparse.Namespace) -> Path:
+    ckpt = Path(args.checkpoint).resolve()
+    model, card = load_mrl_resnet50(ckpt)  # fail here, not at serve time, if it does not load
+    if args.thresholds:
+        load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
+                        numerics=card.numerics)
+    else:
+        print(f"warning: no thresholds given; {args.name} will answer every request at "
+              f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)
+    out = Path(args.export_path).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        (stage / "checkpoint.pt").symlink_to(ckpt)
+        (stage / "model-config.yaml").write_text(MODEL_CONFIG.format(**vars(args)))
+        pkg = stage / "handler"
+        shutil.copytree(ROOT / "handler", pkg, ignore=shutil.ignore_patterns("__pycache__", "ts_handler.py"))
+        extra = [str(pkg)]
+        if args.thresholds:
+            shutil.copy(args.thresholds, stage / "thresholds.json")
+            extra.append(str(stage / "thresholds.json"))
+        cmd = ["torch-model-archiver", "--model-name", args.name, "--version", args.version,
+               "--serialized-file", str(stage / "checkpoint.pt"),
+               "--handler", str(ROOT / "handler" / "ts_handler.py"),
+               "--extra-files", ",".join(extra), "--config-file", str(stage / "model-config.yaml"),
+               "--export-path", str(out), "--force"]
+        subprocess.run(cmd, check=True, cwd=stage)
+    mar = out / f"{args.name}.mar"
+    print(f"built {mar} ({mar.stat().st_size / 2**20:.1f} MiB): {card.name}, {len(card.classes)} classes, "
+          f"{card.numerics}, graph={args.graph}, batch {args.batch_size} / {args.batch_delay} ms")
+    return mar
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--thresholds", default=None, help="thresholds JSON from calibration/fit_thresholds.py")
+    p.add_argument("--name", default="mrl_resnet50")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--export-path", default=str(ROOT / "model_store"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-delay", type=int, default=5, help="maxBatchDelay in ms")
+    p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--graph", choices=("eager", "jit", "compile"), default="jit")
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    build(parse_args())

@@ -1,0 +1,83 @@
+"""Start or stop TorchServe with this repository's config.properties, and wait until it answers.
+
+    python -m model_store.serve start   # start, wait for READY, print a ready-to-paste curl
+    python -m model_store.serve stop
+
+Run from the repository root: TorchServe writes logs/ and key_file.json (the tokens) there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGEMENT = "http://127.0.0.1:8081"
+INFERENCE = "http://127.0.0.1:8080"
+
+
+def read_keys(root: Path = ROOT) -> dict[str, str]:
+    """The tokens TorchServe wrote into key_file.json: {'inference': ..., 'management': ...}."""
+    doc = json.loads((root / "key_file.json").read_text())
+    return {k: doc[k]["key"] for k in ("inference", "management")}
+
+
+def model_status(model: str, token: str) -> list[str]:
+    req = urllib.request.Request(f"{MANAGEMENT}/models/{model}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return [w["status"] for w in json.load(resp)[0]["workers"]]
+
+
+def start(model: str, timeout: float, root: Path = ROOT) -> float:
+    """Start TorchServe in the background and block until ``model`` has a READY worker."""
+    t0 = time.monotonic()
+    key_file = root / "key_file.json"
+    key_file.unlink(missing_ok=True)  # a stale file would hold the previous run's tokens
+    subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", str(root / "config.properties"),
+                    "--model-store", str(root / "model_store")], cwd=root, check=True,
+                   stdout=subprocess.DEVNULL)
+    while time.monotonic() - t0 < timeout:
+        try:
+            if "READY" in model_status(model, read_keys(root)["management"]):
+                return time.monotonic() - t0
+        except (OSError, KeyError, ValueError, IndexError, urllib.error.URLError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{model} was not READY after {timeout:.0f} s; see {root}/logs/model_log.log")
+
+
+def stop(root: Path = ROOT) -> None:
+    subprocess.run(["torchserve", "--stop"], cwd=root, check=False)
+    for _ in range(40):  # workers exit a few seconds after the frontend
+        if subprocess.run(["pgrep", "-f", "ts.model_service_worker|org.pytorch.serve.ModelServer"],
+                          stdout=subprocess.DEVNULL).returncode != 0:
+            return
+        time.sleep(0.25)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("action", choices=("start", "stop"))
+    p.add_argument("--model", default="mrl_resnet50")
+    p.add_argument("--timeout", type=float, default=300)
+    args = p.parse_args(argv)
+    if args.action == "stop":
+        stop()
+        return
+    took = start(args.model, args.timeout)
+    token = read_keys()["inference"]
+    example = os.path.relpath(ROOT / "examples" / "ankle_boot.png")
+    print(f"TorchServe is up: {args.model} READY after {took:.1f} s. Classify an image with:\n\n"
+          f"  curl -H 'Authorization: Bearer {token}' -T {example} {INFERENCE}/predictions/{args.model}\n\n"
+          f"Options go in the query string, e.g. ?top_k=3&dim=64&return_embedding=true.\n"
+          f"Metrics: curl {MANAGEMENT.replace('8081', '8082')}/metrics   Stop: make stop", file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared fixtures: small real artefacts (tiny checkpoints, images), never downloads."""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from handler.checkpoint import ModelCard, save_checkpoint  # noqa: E402
+from handler.model import MRLResNet50  # noqa: E402
+from training.train_mrl import demo_preprocessing  # noqa: E402
+
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+           "Ankle boot"]
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised 10-class MRL ResNet50 in our format, with a demo-style card."""
+    torch.manual_seed(0)
+    model = MRLResNet50(num_classes=10)
+    # Give BN non-trivial statistics so that eval-mode outputs differ per image.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 2.0)
+    card = ModelCard(name="tiny", classes=CLASSES, preprocessing=demo_preprocessing(32), numerics="fp32")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model, card)
+    return path
+
+
+@pytest.fixture
+def gray_png() -> bytes:
+    rng = np.random.default_rng(0)
+    return encode(Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L"))

@@ -1,0 +1,41 @@
+import torch
+import torch.nn.functional as F
+
+from handler.model import MRLResNet50
+from handler.preprocess import Normalizer
+from training.train_mrl import MRLLoss, augment, build_optimizer, demo_preprocessing
+
+
+def test_mrl_loss_is_the_weighted_sum_of_per_size_cross_entropies():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 4, 10), torch.randint(0, 10, (6,))
+    per_size = [F.cross_entropy(logits[:, s], y, label_smoothing=0.1) for s in range(4)]
+    assert torch.allclose(MRLLoss(label_smoothing=0.1)(logits, y), sum(per_size))
+    w = [1.0, 0.5, 2.0, 0.0]
+    assert torch.allclose(MRLLoss(w, label_smoothing=0.1)(logits, y), sum(c * l for c, l in zip(w, per_size)))
+
+
+def test_augment_keeps_shape_and_content_scale():
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 255, (5, 32, 32), dtype=torch.uint8)
+    out = augment(batch, 2, gen)
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    assert augment(batch, 0, torch.Generator().manual_seed(1)).float().sum() == batch.float().sum()
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = MRLResNet50(num_classes=10).to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, lr=0.05, weight_decay=5e-4)
+    norm = Normalizer(demo_preprocessing(32))
+    x = norm(torch.randint(0, 255, (16, 32, 32), dtype=torch.uint8).numpy())
+    y = torch.arange(16) % 10
+    loss_fn, losses = MRLLoss(), []
+    for _ in range(6):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
