@@ -1,0 +1,175 @@
+"""Learn the cascade's thresholds on a holdout set.
+
+    python calibration/fit_thresholds.py --checkpoint CKPT --data fashion-mnist:holdout \\
+        --out thresholds.json [--method greedy|frontier|guaranteed] [--max-drop 0.001] \\
+        [--epsilon 0.005 --delta 0.1 [--unlabeled]] [--eval-data fashion-mnist:test]
+
+Writes the thresholds file (several named operating points, the one of --method as default, and a
+meta block tying it to the checkpoint) and, beside it, a markdown report and a PNG plot of
+accuracy against expected dims. The forward pass is cached, so a refit with other options takes
+a moment. Rule (shared with the server): size m answers when its max softmax >= t_m.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+from calibration.methods import Point, fit_frontier, fit_greedy, fit_guaranteed, score
+from calibration.outputs import DEFAULT_CACHE, Outputs, collect
+from handler.thresholds import SCHEMA
+
+DEFAULT_POINT = {"greedy": "greedy", "frontier": "balanced", "guaranteed": "guaranteed"}
+
+
+def fit_all(out: Outputs, args: argparse.Namespace) -> tuple[dict, list[Point], dict]:
+    """Every operating point: name -> (thresholds, method, params, holdout Point)."""
+    greedy = fit_greedy(out)
+    balanced, frontier = fit_frontier(out, args.max_drop, extra=[greedy])
+    fast, _ = fit_frontier(out, args.fast_drop, extra=[greedy])
+    guaranteed, ltt = fit_guaranteed(out, args.epsilon, args.delta, unlabeled=args.unlabeled,
+                                     family_fraction=args.family_fraction, seed=args.seed)
+    exact = [None] * (len(out.nesting) - 1)
+    points = {
+        "balanced": (list(balanced.thresholds), "frontier", {"max_drop": args.max_drop}),
+        "fast": (list(fast.thresholds), "frontier", {"max_drop": args.fast_drop}),
+        "greedy": (greedy, "greedy", {"grid": "100 points in [0.1, 1]", "rule": ">="}),
+        "guaranteed": (guaranteed, "guaranteed", ltt),
+        "exact": (exact, "fixed", {"dims": out.nesting[-1]}),
+    }
+    scored = {name: (t, method, params, score(out, t)) for name, (t, method, params) in points.items()}
+    return scored, frontier, ltt
+
+
+def thresholds_doc(out: Outputs, scored: dict, frontier: list[Point], args: argparse.Namespace) -> dict:
+    keys = [str(m) for m in out.nesting[:-1]]
+    ops = {}
+    for name, (t, method, params, pt) in scored.items():
+        ops[name] = {"thresholds": dict(zip(keys, t)), "method": method, "params": params,
+                     "holdout": {"top1": pt.top1, "expected_dims": pt.expected_dims}}
+    return {
+        "schema": SCHEMA,
+        "default": DEFAULT_POINT[args.method],
+        "operating_points": ops,
+        "meta": {
+            "nesting": list(out.nesting),
+            "checkpoint": Path(args.checkpoint).name,
+            "checkpoint_sha256": out.meta["checkpoint_sha256"],
+            "numerics": out.meta["numerics"],
+            "graph": out.meta["graph"],
+            "data": {"spec": args.data, "n": int(len(out.labels))},
+            "rule": "size m answers when its max softmax >= t_m; null skips the size; the last size always answers",
+            "holdout_top1": out.top1(),
+            "frontier": [[round(p.expected_dims, 4), round(p.top1, 6)] for p in frontier],
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def write_report(path: Path, out: Outputs, scored: dict, frontier: list[Point], evals: dict,
+                 args: argparse.Namespace, fit_seconds: float) -> None:
+    """Markdown table and a PNG plot of accuracy against expected dims."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = out.top1()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    ax.plot([p.expected_dims for p in frontier], [100 * p.top1 for p in frontier], "-", color="tab:blue",
+            lw=1.5, label="frontier (holdout)")
+    ax.plot(out.nesting, [100 * fixed[str(m)] for m in out.nesting], "s--", color="gray", ms=5,
+            label="fixed sizes (holdout)")
+    styles = {"greedy": ("o", "tab:orange"), "balanced": ("*", "tab:blue"), "fast": ("^", "tab:cyan"),
+              "guaranteed": ("D", "tab:green")}
+    for name, (marker, color) in styles.items():
+        pt = scored[name][3]
+        ax.plot(pt.expected_dims, 100 * pt.top1, marker, color=color, ms=10, label=f"{name} (holdout)")
+        if name in evals.get("points", {}):
+            e = evals["points"][name]
+            ax.plot(e["expected_dims"], 100 * e["top1"], marker, mfc="none", color=color, ms=10,
+                    label=f"{name} ({args.eval_data})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(out.nesting, [str(m) for m in out.nesting])
+    ax.set_xlabel("expected embedding dims (log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    lo = min(100 * fixed[str(m)] for m in out.nesting)
+    ax.set_ylim(lo - 1.0, 100 * max(p.top1 for p in frontier) + 0.5)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{Path(args.checkpoint).name}: cascade accuracy vs expected dims")
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png)
+    plt.close(fig)
+
+    lines = [f"# Calibration report: {Path(args.checkpoint).name}", "",
+             f"Holdout `{args.data}` ({len(out.labels)} images), numerics {out.meta['numerics']}, graph "
+             f"{out.meta['graph']}; fit in {fit_seconds:.2f} s from cached outputs. Rule: size m answers when "
+             "its max softmax >= t_m.", "",
+             f"![accuracy vs expected dims]({png.name})", "",
+             "| operating point | method | holdout top-1 | holdout dims |"
+             + (f" {args.eval_data} top-1 | {args.eval_data} dims |" if evals else ""),
+             "|---|---|---|---|" + ("---|---|" if evals else "")]
+    for name, (t, method, params, pt) in scored.items():
+        row = f"| {name} | {method} | {pt.top1:.4f} | {pt.expected_dims:.1f} |"
+        if evals:
+            e = evals["points"][name]
+            row += f" {e['top1']:.4f} | {e['expected_dims']:.1f} |"
+        lines.append(row)
+    lines += ["", "Fixed sizes (top-1):", "",
+              "| data | " + " | ".join(str(m) for m in out.nesting) + " |",
+              "|---|" + "---|" * len(out.nesting),
+              f"| {args.data} | " + " | ".join(f"{fixed[str(m)]:.4f}" for m in out.nesting) + " |"]
+    if evals:
+        lines.append(f"| {args.eval_data} | " + " | ".join(f"{evals['top1'][str(m)]:.4f}" for m in out.nesting) + " |")
+    lines += ["", "Thresholds (null = size skipped):", "", "| operating point | " +
+              " | ".join(str(m) for m in out.nesting[:-1]) + " |", "|---|" + "---|" * (len(out.nesting) - 1)]
+    for name, (t, *_rest) in scored.items():
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in t) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="holdout: fashion-mnist:holdout or a folder")
+    p.add_argument("--out", required=True, help="thresholds JSON; the report and plot go beside it")
+    p.add_argument("--method", choices=tuple(DEFAULT_POINT), default="frontier",
+                   help="which method's operating point is the default")
+    p.add_argument("--max-drop", type=float, default=0.001, help="frontier: allowed holdout top-1 drop ('balanced')")
+    p.add_argument("--fast-drop", type=float, default=0.01, help="frontier: allowed drop for 'fast'")
+    p.add_argument("--epsilon", type=float, default=0.005, help="guaranteed: allowed drop on new data")
+    p.add_argument("--delta", type=float, default=0.1, help="guaranteed: allowed failure probability")
+    p.add_argument("--unlabeled", action="store_true", help="guaranteed: bound disagreement with 2048-d instead")
+    p.add_argument("--family-fraction", type=float, default=0.3, help="guaranteed: holdout share that orders candidates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-data", help="also score every operating point on this data (report only)")
+    p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
+    p.add_argument("--no-cache", action="store_true")
+    args = p.parse_args(argv)
+    cache = None if args.no_cache else DEFAULT_CACHE
+
+    out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache)
+    t0 = time.perf_counter()
+    scored, frontier, _ = fit_all(out, args)
+    fit_seconds = time.perf_counter() - t0
+    doc = thresholds_doc(out, scored, frontier, args)
+    evals = {}
+    if args.eval_data:
+        ev = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=cache)
+        evals = {"top1": ev.top1(), "points": {n: score(ev, t).__dict__ for n, (t, *_r) in scored.items()}}
+        doc["meta"]["eval"] = {"data": args.eval_data, "n": int(len(ev.labels)), **evals}
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(doc, indent=2) + "\n")
+    write_report(dest.with_name(dest.stem + "_report.md"), out, scored, frontier, evals, args, fit_seconds)
+    d = scored[doc["default"]][3]
+    print(f"wrote {dest} (default {doc['default']}: holdout top-1 {d.top1:.4f} at {d.expected_dims:.1f} dims; "
+          f"fit {fit_seconds:.2f} s) and {dest.stem}_report.md/.png")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

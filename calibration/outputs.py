@@ -1,0 +1,87 @@
+"""Per-size outputs of a model over a labelled data set, computed the way the server computes them.
+
+Images go through ``handler.preprocess`` and ``handler.engine.Engine`` with the card's numerics
+and the serving graph mode, so thresholds are fit on the numbers the server will see. Results are
+cached as .npz keyed by checkpoint hash, data spec, numerics and graph mode.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.engine import Engine, configure_threads
+from handler.preprocess import Normalizer, crop_image
+from training.data import load_spec
+
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "calibration"
+
+
+@dataclass
+class Outputs:
+    """conf/pred: (N, S) max softmax and argmax per size; labels: (N,); nesting: S sizes."""
+
+    conf: np.ndarray
+    pred: np.ndarray
+    labels: np.ndarray
+    nesting: tuple[int, ...]
+    meta: dict
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.pred == self.labels[:, None]
+
+    def subset(self, idx: np.ndarray) -> "Outputs":
+        return Outputs(self.conf[idx], self.pred[idx], self.labels[idx], self.nesting, self.meta)
+
+    def top1(self) -> dict[str, float]:
+        return {str(m): float(a) for m, a in zip(self.nesting, self.correct.mean(axis=0))}
+
+
+def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", batch_size: int = 250,
+            cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True) -> Outputs:
+    """Run the model over ``spec`` (or read the cache) and return per-size confidences and labels."""
+    sha = file_sha256(checkpoint)
+    model, card = load_mrl_resnet50(checkpoint)
+    meta = {"checkpoint_sha256": sha, "data": spec, "numerics": card.numerics, "graph": graph,
+            "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting)}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    cached = cache_dir / f"outputs-{key}.npz" if cache_dir else None
+    if cached and cached.exists():
+        z = np.load(cached)
+        return Outputs(z["conf"], z["pred"], z["labels"], card.nesting, {**meta, "n": len(z["labels"]), "cached": True})
+
+    configure_threads()
+    data = load_spec(spec, card.classes)
+    batch_size = min(batch_size, len(data))
+    engine = Engine(model, numerics=card.numerics, graph=graph, input_size=card.preprocessing.crop,
+                    batch_sizes=(batch_size,))
+    normalize = Normalizer(card.preprocessing)
+    conf, pred = [], []
+    bar = tqdm(total=len(data), desc=f"forward {spec}", unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(data), batch_size):
+        idx = range(start, min(start + batch_size, len(data)))
+        crops = [crop_image(data[i][0], card.preprocessing) for i in idx]
+        probs, _ = engine(normalize(crops))
+        c, p = probs.max(dim=-1)
+        conf.append(c.numpy())
+        pred.append(p.numpy().astype(np.int32))
+        bar.update(len(idx))
+    bar.close()
+    out = Outputs(np.concatenate(conf), np.concatenate(pred), np.asarray(data.labels, dtype=np.int64),
+                  card.nesting, {**meta, "n": len(data), "cached": False})
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, conf=out.conf, pred=out.pred, labels=out.labels)
+    return out
+
+
+def torch_conf(outputs: Outputs) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(outputs.conf, dtype=np.float32))

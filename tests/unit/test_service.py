@@ -1,0 +1,96 @@
+"""The serving pipeline in-process: responses, options, batching independence and exact metrics."""
+import base64
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from handler.checkpoint import load_mrl_resnet50
+from handler.metrics import PrometheusSink
+from handler.service import MRLService
+from handler.thresholds import OperatingPoints
+
+FIELDS = {"label", "class_index", "confidence", "embedding_dim", "sizes_tried", "operating_point", "top_k"}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return CollectorRegistry()
+
+
+@pytest.fixture(scope="module")
+def service(tiny_checkpoint, registry):
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    points = OperatingPoints({"balanced": (0.3,) * 8, "exact": (None,) * 8}, "balanced", {})
+    return MRLService(model, card, points, name="tiny", sink=PrometheusSink(registry))
+
+
+def test_response_has_every_documented_field(service, gray_png):
+    [(status, body)] = service.handle([{"body": gray_png}])
+    assert status == 200 and FIELDS <= set(body)
+    assert body["operating_point"] == "balanced"
+    assert body["sizes_tried"][-1] == body["embedding_dim"]
+    assert len(body["top_k"]) == 5 and body["top_k"][0]["label"] == body["label"]
+    assert body["top_k"][0]["probability"] == pytest.approx(body["confidence"])
+    assert "embedding" not in body
+
+
+def test_options_from_fields_json_and_headers(service, gray_png):
+    b64 = base64.b64encode(gray_png).decode()
+    results = service.handle(
+        [{"data": gray_png, "top_k": b"2", "dim": b"64"},
+         {"body": {"data": b64, "top_k": 3, "return_embedding": True, "operating_point": "exact"}},
+         {"body": gray_png}],
+        [{}, {}, {"X-MRL-Dim": "16", "x-mrl-return-embedding": "1"}])
+    (s1, a), (s2, b), (s3, c) = results
+    assert (s1, s2, s3) == (200, 200, 200)
+    assert (a["embedding_dim"], len(a["top_k"]), a["operating_point"]) == (64, 2, "fixed_dim")
+    assert (b["embedding_dim"], len(b["top_k"]), len(b["embedding"])) == (2048, 3, 2048)
+    assert b["sizes_tried"] == [2048] and b["operating_point"] == "exact"
+    assert (c["embedding_dim"], len(c["embedding"])) == (16, 16)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"dim": b"12"}, "dim=12 is not a nesting size"),
+    ({"top_k": b"0"}, "top_k=0 is out of range; allowed: 1 to 10"),
+    ({"operating_point": b"turbo"}, "operating_point='turbo' is unknown; allowed: balanced, exact"),
+    ({"colour": b"red"}, "unknown option 'colour'"),
+    ({"dim": b"64", "operating_point": b"exact"}, "not both"),
+])
+def test_bad_options_get_400_naming_the_value(service, gray_png, fields, message):
+    [(status, body)] = service.handle([{"data": gray_png, **fields}])
+    assert status == 400 and body["code"] == 400 and body["type"] == "InvalidOption"
+    assert message in body["message"]
+
+
+def test_one_bad_item_fails_alone(service, gray_png):
+    alone = service.handle([{"body": gray_png}])[0][1]
+    results = service.handle([{"body": gray_png}, {"body": b"\x89PNG\r\n\x1a\nbroken"}, {"body": gray_png}])
+    assert [s for s, _ in results] == [200, 400, 200]
+    for status, body in (results[0], results[2]):
+        assert body["label"] == alone["label"] and body["embedding_dim"] == alone["embedding_dim"]
+        assert body["confidence"] == pytest.approx(alone["confidence"], abs=1e-5)
+
+
+def test_urlencoded_body_is_refused_with_415(service, gray_png):
+    [(status, body)] = service.handle([{"body": gray_png}], [{"Content-Type": "application/x-www-form-urlencoded"}])
+    assert status == 415 and "curl -T" in body["message"]
+
+
+def test_metrics_count_exactly(tiny_checkpoint, gray_png):
+    registry = CollectorRegistry()
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), name="m", sink=PrometheusSink(registry))
+    results = svc.handle([{"body": gray_png}, {"body": b""}, {"data": gray_png, "dim": b"8"}, {"body": gray_png}])
+    assert [s for s, _ in results] == [200, 400, 200, 200]
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, {"model_name": "m", **labels})
+
+    assert value("mrl_cascade_exits_total", embedding_dim="2048", operating_point="fixed_2048") == 2
+    assert value("mrl_cascade_exits_total", embedding_dim="8", operating_point="fixed_dim") == 1
+    assert value("mrl_embedding_dims_total") == 2048 * 2 + 8
+    assert value("mrl_request_errors_total", reason="empty") == 1
+    assert value("mrl_batches_total") == 1 and value("mrl_batch_items_total") == 4
+    assert value("mrl_exit_confidence_count") == 3
+    assert value("mrl_stage_seconds_count", stage="forward") == 1
+    assert value("mrl_cascade_escalations_total", from_dim="8") is None  # fixed points never escalate

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from handler.thresholds import SCHEMA, OperatingPoints, load_thresholds, parse_thresholds
+
+NESTING = (8, 16, 2048)
+
+
+def doc(**over):
+    d = {"schema": SCHEMA, "default": "balanced",
+         "operating_points": {"balanced": {"thresholds": {"8": 0.9, "16": None}},
+                              "exact": {"thresholds": {"8": None, "16": None}}},
+         "meta": {"nesting": [8, 16, 2048], "checkpoint_sha256": "abc", "numerics": "bf16"}}
+    d.update(over)
+    return d
+
+
+def parse(d, **expect):
+    return parse_thresholds(d, **{"nesting": NESTING, "checkpoint_sha256": "abc", "numerics": "bf16", **expect})
+
+
+def test_valid_file_parses(tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps(doc()))
+    points = load_thresholds(tmp_path / "t.json", nesting=NESTING, checkpoint_sha256="abc", numerics="bf16")
+    assert points.points == {"balanced": (0.9, None), "exact": (None, None)}
+    assert points.default == "balanced" and points.fitted
+
+
+@pytest.mark.parametrize("expect, message", [
+    (dict(checkpoint_sha256="def"), "fit on checkpoint sha256 abc but the model is sha256 def"),
+    (dict(nesting=(8, 32, 2048)), r"nesting \[8, 16, 2048\] but the model has \[8, 32, 2048\]"),
+    (dict(numerics="fp32"), "numerics 'bf16' but the model serves 'fp32'"),
+])
+def test_mismatch_with_the_model_names_both_sides(expect, message):
+    with pytest.raises(ValueError, match=message):
+        parse(doc(), **expect)
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "0.5", float("nan")])
+def test_out_of_range_threshold_is_refused(value):
+    d = doc()
+    d["operating_points"]["balanced"]["thresholds"]["8"] = value
+    with pytest.raises(ValueError, match="threshold for size 8 must be in"):
+        parse(d)
+
+
+def test_missing_size_and_unknown_default_are_refused():
+    d = doc()
+    del d["operating_points"]["balanced"]["thresholds"]["16"]
+    with pytest.raises(ValueError, match="needs thresholds for sizes"):
+        parse(d)
+    with pytest.raises(ValueError, match="default operating point 'fast'"):
+        parse(doc(default="fast"))
+    with pytest.raises(ValueError, match="schema"):
+        parse(doc(schema="v0"))
+
+
+def test_fixed_points_answer_at_the_largest_size():
+    points = OperatingPoints.fixed(NESTING)
+    assert points.points == {"fixed_2048": (None, None)} and not points.fitted
