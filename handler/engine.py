@@ -57,7 +57,7 @@ class Engine:
             raise ValueError(f"numerics 'bf16' is not supported on {self.device}; serve with 'fp32'")
         self.numerics, self.graph, self.nesting = numerics, graph, model.nesting
         self.autocast = numerics == "bf16"
-        module = _Serving(model.eval().to(self.device, memory_format=torch.channels_last))
+        module = _Serving(model.eval().to(self.device, memory_format=torch.channels_last)).eval()
         example = torch.zeros(max(batch_sizes), 3, input_size, input_size, device=self.device
                               ).to(memory_format=torch.channels_last)
         with torch.inference_mode():

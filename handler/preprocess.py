@@ -97,10 +97,8 @@ def crop_image(img: Image.Image, spec: Preprocessing, *, draft: bool = True) -> 
             img.draft(spec.color_mode, (spec.resize, spec.resize))
         img = ImageOps.exif_transpose(img)  # decodes; honours the EXIF orientation tag
         img = _to_mode(img, spec.color_mode)
-        img = _resize_shorter(img, spec.resize, _RESAMPLE[spec.interpolation])
-        w, h = img.size
-        left, top = (w - spec.crop) // 2, (h - spec.crop) // 2
-        img = img.crop((left, top, left + spec.crop, top + spec.crop))
+        img = img.resize((spec.crop, spec.crop), _RESAMPLE[spec.interpolation],
+                         box=_center_crop_box(img.size, spec.resize, spec.crop))
         return np.asarray(img, dtype=np.uint8)
     except InputError:
         raise
@@ -111,10 +109,9 @@ def crop_image(img: Image.Image, spec: Preprocessing, *, draft: bool = True) -> 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     if img.mode == mode:
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale (Pillow may say "I"): to 8 bits
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite transparency onto white, as a viewer would show it.
         rgba = img.convert("RGBA")
@@ -123,15 +120,17 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def _resize_shorter(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    if w <= h:
-        new = (size, max(size, round(h * size / w)))
-    else:
-        new = (max(size, round(w * size / h)), size)
-    return img.resize(new, resample)
+def _center_crop_box(size: tuple[int, int], resize: int, crop: int) -> tuple[float, float, float, float]:
+    """The source region that "resize the shorter side to ``resize``, centre-crop ``crop``" keeps.
+
+    Resampling only this box straight to (crop, crop) gives the same pixels as resizing the whole
+    image first, but the work and memory are bounded by the crop, whatever the aspect ratio
+    (a 16000x1 image would otherwise be scaled to 4 million x 256 before cropping).
+    """
+    w, h = size
+    side = crop * min(w, h) / resize  # the crop's extent in source pixels
+    left, top = (w - side) / 2, (h - side) / 2
+    return (left, top, left + side, top + side)
 
 
 class Normalizer:

@@ -42,15 +42,20 @@ def parse_item(item: Mapping[str, Any], *, nesting: Sequence[int], operating_poi
                default_point: str, num_classes: int,
                headers: Mapping[str, Any] | None = None) -> tuple[bytes, Options]:
     """Split a request item (and its HTTP headers) into the encoded image and validated options."""
-    headers = {str(k).lower(): v for k, v in (headers or {}).items() if isinstance(v, (str, bytes))}
-    if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+    fields: dict[str, Any] = {}
+    content_type = ""
+    for name, value in (headers or {}).items():
+        if not isinstance(value, (str, bytes, bytearray)):
+            continue  # TorchServe also files per-parameter content types here, as dicts
+        name = str(name).lower()
+        if name == "content-type":
+            content_type = _text(value) if len(value) <= 64 else str(value[:64])
+        elif name.startswith(HEADER_PREFIX):
+            _merge(fields, {name[len(HEADER_PREFIX):].replace("-", "_"): value})
+    if content_type.startswith("application/x-www-form-urlencoded"):
         raise InputError("the body was sent as a URL-encoded form, which mangles binary data; send the "
                          "image with curl -T img.jpg, or --data-binary @img.jpg -H 'Content-Type: "
                          "image/jpeg', or as a multipart field (-F data=@img.jpg)", status=415)
-    fields: dict[str, Any] = {}
-    for name, value in headers.items():
-        if name.startswith(HEADER_PREFIX):
-            fields[name[len(HEADER_PREFIX):].replace("-", "_")] = value
     image: bytes | None = None
     for name, value in item.items():
         if name in IMAGE_FIELDS:
@@ -64,6 +69,9 @@ def parse_item(item: Mapping[str, Any], *, nesting: Sequence[int], operating_poi
                 _merge(fields, payload)
             if isinstance(value, str):
                 value = value.encode("latin-1", errors="replace")
+            if not isinstance(value, (bytes, bytearray)):
+                raise InputError(f"a JSON body must be an object with a 'data' field, got "
+                                 f"{type(value).__name__}")
             if image is not None:
                 raise InputError(f"the request carries more than one image (second one in {name!r}); "
                                  "send one image per request")
@@ -127,8 +135,10 @@ def _looks_like_json(value: bytes | bytearray) -> bool:
 def _parse_json(value: bytes | bytearray) -> Any:
     try:
         doc = json.loads(bytes(value).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"body is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError, as is int overflow
+        raise InputError(f"body is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise InputError("body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InputError(f"JSON body must be an object with a 'data' field, got a {type(doc).__name__}")
     return doc

@@ -53,7 +53,7 @@ def build(args: argparse.Namespace) -> Path:
         if args.thresholds:
             shutil.copy(args.thresholds, stage / "thresholds.json")
             extra.append(str(stage / "thresholds.json"))
-        cmd = ["torch-model-archiver", "--model-name", args.name, "--version", args.version,
+        cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", args.name, "--version", args.version,
                "--serialized-file", str(stage / "checkpoint.pt"),
                "--handler", str(ROOT / "handler" / "ts_handler.py"),
                "--extra-files", ",".join(extra), "--config-file", str(stage / "model-config.yaml"),
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-delay", type=int, default=5, help="maxBatchDelay in ms")
     p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--graph", choices=("eager", "jit", "compile"), default="jit")
+    p.add_argument("--graph", choices=("eager", "jit", "compile"), default="eager")
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args(argv)
 

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))  # the one installed beside this Python
 MANAGEMENT = "http://127.0.0.1:8081"
 INFERENCE = "http://127.0.0.1:8080"
 
@@ -28,32 +29,42 @@ def read_keys(root: Path = ROOT) -> dict[str, str]:
     return {k: doc[k]["key"] for k in ("inference", "management")}
 
 
-def model_status(model: str, token: str) -> list[str]:
-    req = urllib.request.Request(f"{MANAGEMENT}/models/{model}", headers={"Authorization": f"Bearer {token}"})
+def describe(model: str, token: str, management: str = MANAGEMENT) -> dict:
+    """The management API's description of ``model`` (workers with status and pid)."""
+    req = urllib.request.Request(f"{management}/models/{model}", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=5) as resp:
-        return [w["status"] for w in json.load(resp)[0]["workers"]]
+        return json.load(resp)[0]
 
 
-def start(model: str, timeout: float, root: Path = ROOT) -> float:
-    """Start TorchServe in the background and block until ``model`` has a READY worker."""
+def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = MANAGEMENT) -> float:
+    """Block until ``model`` has a READY worker; returns the seconds waited."""
     t0 = time.monotonic()
-    key_file = root / "key_file.json"
-    key_file.unlink(missing_ok=True)  # a stale file would hold the previous run's tokens
-    subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", str(root / "config.properties"),
-                    "--model-store", str(root / "model_store")], cwd=root, check=True,
-                   stdout=subprocess.DEVNULL)
     while time.monotonic() - t0 < timeout:
         try:
-            if "READY" in model_status(model, read_keys(root)["management"]):
+            workers = describe(model, read_keys(cwd)["management"], management)["workers"]
+            if any(w["status"] == "READY" for w in workers):
                 return time.monotonic() - t0
         except (OSError, KeyError, ValueError, IndexError, urllib.error.URLError):
             pass
-        time.sleep(0.5)
-    raise SystemExit(f"{model} was not READY after {timeout:.0f} s; see {root}/logs/model_log.log")
+        time.sleep(0.25)
+    raise SystemExit(f"{model} was not READY after {timeout:.0f} s; see {cwd}/logs/model_log.log")
+
+
+def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = None,
+          model_store: Path | None = None, management: str = MANAGEMENT) -> float:
+    """Start TorchServe in the background (working directory ``root``: logs/ and key_file.json
+    go there) and block until ``model`` has a READY worker. Returns seconds from start to READY."""
+    t0 = time.monotonic()
+    (root / "key_file.json").unlink(missing_ok=True)  # a stale file would hold old tokens
+    subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
+                    "--model-store", str(model_store or ROOT / "model_store")], cwd=root, check=True,
+                   stdout=subprocess.DEVNULL)
+    wait_ready(model, timeout, root, management)
+    return time.monotonic() - t0
 
 
 def stop(root: Path = ROOT) -> None:
-    subprocess.run(["torchserve", "--stop"], cwd=root, check=False)
+    subprocess.run([TORCHSERVE, "--stop"], cwd=root, check=False, stdout=subprocess.DEVNULL)
     for _ in range(40):  # workers exit a few seconds after the frontend
         if subprocess.run(["pgrep", "-f", "ts.model_service_worker|org.pytorch.serve.ModelServer"],
                           stdout=subprocess.DEVNULL).returncode != 0:

@@ -1,0 +1,46 @@
+import io
+import json
+
+import pytest
+
+from handler.checkpoint import file_sha256
+from handler.thresholds import SCHEMA
+from tests.integration.server import running_server
+from training.data import FASHION_MNIST_DIR, fashion_mnist
+
+pytestmark = pytest.mark.integration
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def test_images() -> list[bytes]:
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    data = fashion_mnist("test")
+    return [png(data[i][0]) for i in range(200)]
+
+
+@pytest.fixture(scope="session")
+def tiny_thresholds(tiny_checkpoint, tmp_path_factory):
+    """Thresholds for the tiny random model, at levels that spread exits over several sizes."""
+    keys = ["8", "16", "32", "64", "128", "256", "512", "1024"]
+    doc = {"schema": SCHEMA, "default": "balanced",
+           "operating_points": {"balanced": {"thresholds": dict(zip(keys, [0.2, 0.18, 0.16, 0.15, 0.14, 0.13, 0.12, 0.11]))},
+                                "exact": {"thresholds": dict.fromkeys(keys)}},
+           "meta": {"nesting": [8, 16, 32, 64, 128, 256, 512, 1024, 2048],
+                    "checkpoint_sha256": file_sha256(tiny_checkpoint), "numerics": "fp32"}}
+    path = tmp_path_factory.mktemp("thr") / "thresholds.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_checkpoint, tiny_thresholds, tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("ts"), tiny_checkpoint, thresholds=tiny_thresholds,
+                        batch_size=8, batch_delay=50) as server:
+        yield server

@@ -1,0 +1,81 @@
+"""A real TorchServe for tests: archive built from a checkpoint, config from config.properties with
+test ports, started in a temporary folder (logs and key_file.json land there), stopped after."""
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.client import Client
+from model_store.serve import describe, read_keys, start, stop
+
+ROOT = Path(__file__).resolve().parents[2]
+PORTS = {"inference": 18080, "management": 18081, "metrics": 18082}
+
+
+@dataclass
+class Server:
+    root: Path
+    model: str
+    inference: str
+    management: str
+    metrics: str
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.root)
+
+    def client(self, token: str | None = "inference", **kw) -> Client:
+        tok = self.keys[token] if token in ("inference", "management") else token
+        return Client(self.inference, tok, self.model, **kw)
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in describe(self.model, self.keys["management"], self.management)["workers"]]
+
+    def scrape(self) -> str:
+        import urllib.request
+        with urllib.request.urlopen(f"{self.metrics}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+
+def write_config(dest: Path, model_store: Path, ports: dict[str, int] = PORTS, extra: str = "") -> Path:
+    text = (ROOT / "config.properties").read_text()
+    for name, port in ports.items():
+        text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
+    text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
+    text = re.sub(r"^metrics_config=.*$", f"metrics_config={ROOT / 'monitoring' / 'ts_metrics.yaml'}", text, flags=re.M)
+    dest.write_text(text + extra)
+    return dest
+
+
+def build_archive(checkpoint: Path, model_store: Path, *, thresholds: Path | None = None, name: str = "mrl_resnet50",
+                  graph: str = "eager", batch_size: int = 8, batch_delay: int = 20, timeout: int = 30) -> Path:
+    cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(checkpoint),
+           "--name", name, "--export-path", str(model_store), "--graph", graph, "--batch-size", str(batch_size),
+           "--batch-delay", str(batch_delay), "--timeout", str(timeout)]
+    if thresholds:
+        cmd += ["--thresholds", str(thresholds)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"archive build failed:\n{proc.stderr[-3000:]}")
+    return model_store / f"{name}.mar"
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path, checkpoint: Path, *, thresholds: Path | None = None, name: str = "mrl_resnet50",
+                   ready_timeout: float = 240, config_extra: str = "", **archive_kw):
+    store = tmp / "model_store"
+    store.mkdir(parents=True, exist_ok=True)
+    build_archive(checkpoint, store, thresholds=thresholds, name=name, **archive_kw)
+    config = write_config(tmp / "config.properties", store,
+                          extra=f"\nload_models={name}.mar\n" + config_extra)
+    stop(tmp)  # a stale TorchServe (one per machine) would hold the pid file
+    try:
+        start(name, ready_timeout, root=tmp, config=config, model_store=store,
+              management=f"http://127.0.0.1:{PORTS['management']}")
+        yield Server(tmp, name, *(f"http://127.0.0.1:{PORTS[k]}" for k in ("inference", "management", "metrics")))
+    finally:
+        stop(tmp)
