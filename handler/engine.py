@@ -47,7 +47,8 @@ class Engine:
     """Runs an MRL model with the card's numerics, in channels_last, in one of ``GRAPH_MODES``."""
 
     def __init__(self, model: MRLResNet50, *, numerics: str = "fp32", device: str | torch.device = "cpu",
-                 graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,)) -> None:
+                 graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,),
+                 channels_last: bool = True) -> None:
         if numerics not in ("fp32", "bf16"):
             raise ValueError(f"numerics must be 'fp32' or 'bf16', got {numerics!r}")
         if graph not in GRAPH_MODES:
@@ -56,10 +57,11 @@ class Engine:
         if numerics == "bf16" and not bf16_supported(self.device):
             raise ValueError(f"numerics 'bf16' is not supported on {self.device}; serve with 'fp32'")
         self.numerics, self.graph, self.nesting = numerics, graph, model.nesting
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autocast = numerics == "bf16"
-        module = _Serving(model.eval().to(self.device, memory_format=torch.channels_last)).eval()
+        module = _Serving(model.eval().to(self.device, memory_format=self.memory_format)).eval()
         example = torch.zeros(max(batch_sizes), 3, input_size, input_size, device=self.device
-                              ).to(memory_format=torch.channels_last)
+                              ).to(memory_format=self.memory_format)
         with torch.inference_mode():
             if graph == "jit":
                 # Autocast's weight cache would be baked into the trace as constants of the
@@ -84,7 +86,7 @@ class Engine:
         """Run each serving batch size once (twice for jit: its profiling executor optimizes on
         the second call), so that no user request pays for compilation."""
         for b in batch_sizes:
-            x = torch.zeros(b, 3, input_size, input_size, device=self.device).to(memory_format=torch.channels_last)
+            x = torch.zeros(b, 3, input_size, input_size, device=self.device).to(memory_format=self.memory_format)
             for _ in range(2 if self.graph == "jit" else 1):
                 self(x)
 
@@ -92,7 +94,7 @@ class Engine:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) normalized images -> ((B, S, C) probabilities, (B, 2048) embedding), fp32."""
         with self._autocast():
-            probs, emb = self.module(x.to(self.device, non_blocking=True))
+            probs, emb = self.module(x.to(self.device, memory_format=self.memory_format, non_blocking=True))
         return probs, emb
 
 

@@ -34,13 +34,15 @@ class MRLService:
 
     def __init__(self, model, card: ModelCard, points: OperatingPoints, *, name: str = "mrl_resnet50",
                  device: str = "cpu", graph: str = "eager", batch_sizes: Sequence[int] = (1,),
-                 sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS) -> None:
+                 sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS,
+                 channels_last: bool = True, jpeg_draft: bool = True) -> None:
         self.card, self.points, self.name = card, points, name
         self.nesting = card.nesting
         self.sink = sink or NullSink()
-        self.max_pixels = max_pixels
+        self.max_pixels, self.jpeg_draft = max_pixels, jpeg_draft
         self.engine = Engine(model, numerics=card.numerics, device=device, graph=graph,
-                             input_size=card.preprocessing.crop, batch_sizes=batch_sizes)
+                             input_size=card.preprocessing.crop, batch_sizes=batch_sizes,
+                             channels_last=channels_last)
         self.normalize = Normalizer(card.preprocessing, device)
         # One threshold row per operating point and per fixed dim, built once, indexed per request.
         self._rows = {name: list(t) for name, t in points.points.items()}
@@ -81,7 +83,8 @@ class MRLService:
                 data, opt = parse_item(item, nesting=self.nesting, operating_points=tuple(self.points.points),
                                        default_point=self.points.default, num_classes=len(self.card.classes),
                                        headers=headers[i] if headers else None)
-                crops.append(crop_image(decode_image(data, max_pixels=self.max_pixels), self.card.preprocessing))
+                img = decode_image(data, max_pixels=self.max_pixels)
+                crops.append(crop_image(img, self.card.preprocessing, draft=self.jpeg_draft))
                 opts.append(opt)
                 index.append(i)
             except InputError as exc:

@@ -29,6 +29,8 @@ responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a s
 handler:
   graph: {graph}           # eager | jit (traced + frozen) | compile (inductor + freezing)
   threads: {threads}            # intra-op threads per worker; 0 = all cores in the worker's affinity
+  channels_last: {channels_last}   # NHWC activations (oneDNN's fast layout on CPU)
+  jpeg_draft: {jpeg_draft}      # let libjpeg decode at a reduced scale before resizing
 """
 
 
@@ -46,7 +48,9 @@ def build(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         (stage / "checkpoint.pt").symlink_to(ckpt)
-        (stage / "model-config.yaml").write_text(MODEL_CONFIG.format(**vars(args)))
+        settings = {**vars(args), "channels_last": str(args.channels_last).lower(),
+                    "jpeg_draft": str(args.jpeg_draft).lower()}
+        (stage / "model-config.yaml").write_text(MODEL_CONFIG.format(**settings))
         pkg = stage / "handler"
         shutil.copytree(ROOT / "handler", pkg, ignore=shutil.ignore_patterns("__pycache__", "ts_handler.py"))
         extra = [str(pkg)]
@@ -78,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--graph", choices=("eager", "jit", "compile"), default="eager")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="NCHW activations (the benchmark's baseline)")
+    p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
+                   help="full-size JPEG decode before resizing (the benchmark's baseline)")
     return p.parse_args(argv)
 
 

@@ -1,0 +1,232 @@
+"""The benchmark: raw in-process pipeline vs TorchServe end to end vs the usual recipe, side by side.
+
+    python -m bench.run                 # full run (about 15 minutes on 2 cores), writes docs/benchmarks.*
+    python -m bench.run --quick         # shorter phases, for a smoke check
+
+Every figure comes from this one run on this machine: medians and ratios, with the CPU named.
+Modes:
+  baseline  the usual recipe: eager fp32 NCHW, full JPEG decode, glibc malloc defaults;
+  fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, malloc settings;
+  bf16      the same with bf16 autocast (what the demo card serves).
+Models: "imagenet" (official layout, random weights, 1000 classes, 224x224 JPEG requests) and
+"demo" (the bundled Fashion-MNIST checkpoint, 28x28 PNG requests). All traffic goes to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.client import Client, run_load
+from handler.checkpoint import ModelCard, imagenet_classes, load_mrl_resnet50, official_card, save_checkpoint
+from handler.model import mrl_resnet50
+from handler.engine import configure_threads
+from handler.service import MRLService
+from handler.thresholds import OperatingPoints
+from model_store.serve import TORCHSERVE, read_keys, stop, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "model_store" / "fashion_mnist"
+GFLOP_224 = 8.18  # ResNet50 forward, one 224x224 image
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+MODES = {
+    "baseline": dict(numerics="fp32", graph="eager", channels_last=False, jpeg_draft=False, malloc=False),
+    "fp32": dict(numerics="fp32", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
+    "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
+}
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": str(torch.__version__),
+            "python": platform.python_version(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": "amx_bf16" in flags}
+
+
+def median_time(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_gflops(dtype: torch.dtype, n: int = 2048, repeat: int = 10) -> float:
+    """Measured matmul peak: the ceiling the backbone is compared against."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n ** 3 / median_time(lambda: a @ b, repeat) / 1e9
+
+
+def imagenet_inputs(count: int = 32) -> list[bytes]:
+    """Smooth random 224x224 photos-like images, JPEG quality 90."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        small = rng.integers(0, 255, (14, 14, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((224, 224), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def demo_inputs(count: int = 64) -> list[bytes]:
+    from training.data import fashion_mnist
+    data = fashion_mnist("test")
+    out = []
+    for i in range(count):
+        buf = io.BytesIO()
+        data[i][0].save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def make_checkpoints(tmp: Path) -> dict[str, dict[str, Path]]:
+    """Per model and numerics, a checkpoint whose card carries that numerics."""
+    torch.manual_seed(0)
+    official = mrl_resnet50(num_classes=1000, head="mrl", blurpool=True)
+    card = official_card(official.state_dict(), imagenet_classes())
+    demo_model, demo_card = load_mrl_resnet50(DEMO / "mrl_resnet50_fp16.pt")
+    paths: dict[str, dict[str, Path]] = {"imagenet": {}, "demo": {}}
+    for numerics in ("fp32", "bf16"):
+        for name, model, c in (("imagenet", official, card), ("demo", demo_model, demo_card)):
+            c2 = ModelCard.from_dict({**c.to_dict(), "numerics": numerics})
+            path = tmp / f"{name}-{numerics}.pt"
+            save_checkpoint(path, model, c2, dtype=torch.float16 if name == "demo" else torch.float32)
+            paths[name][numerics] = path
+    return paths
+
+
+def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int) -> dict:
+    """In-process: decode + preprocess + backbone + cascade per batch, and the backbone alone."""
+    model, card = load_mrl_resnet50(ckpt)
+    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), graph=mode["graph"],
+                     batch_sizes=batch_sizes, channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"])
+    out = {}
+    for b in batch_sizes:
+        items = [{"body": bodies[i % len(bodies)]} for i in range(b)]
+        t = median_time(lambda: svc.handle(items), repeat)
+        x = torch.randn(b, 3, card.preprocessing.crop, card.preprocessing.crop)
+        tb = median_time(lambda: svc.engine(x), repeat)
+        gflop = GFLOP_224 * (card.preprocessing.crop / 224) ** 2 * b
+        out[str(b)] = {"pipeline_img_s": b / t, "pipeline_ms_per_batch": 1000 * t,
+                       "backbone_img_s": b / tb, "backbone_gflops": gflop / tb}
+    return out
+
+
+def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, batch_size: int,
+                 batch_delay: int) -> tuple[float, float]:
+    """Archive, start TorchServe with the mode's environment; (seconds to READY, to first answer)."""
+    store = tmp / "store"
+    store.mkdir(exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(ckpt),
+           "--export-path", str(store), "--graph", mode["graph"], "--batch-size", str(batch_size),
+           "--batch-delay", str(batch_delay)]
+    cmd += [] if mode["channels_last"] else ["--no-channels-last"]
+    cmd += [] if mode["jpeg_draft"] else ["--no-jpeg-draft"]
+    cmd += ["--thresholds", str(thresholds)] if thresholds else []
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    if mode["malloc"]:
+        env.update(MALLOC_ENV)
+    (tmp / "key_file.json").unlink(missing_ok=True)
+    t0 = time.monotonic()
+    subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(ROOT / "config.properties"),
+                    "--model-store", str(store)], cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
+    ready = wait_ready("mrl_resnet50", 600, tmp)
+    return ready, time.monotonic() - t0
+
+
+def serve_phase(tmp: Path, bodies: list[bytes], concurrency: int, duration: float, headers=None) -> dict:
+    client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
+    t0 = time.perf_counter()
+    results = run_load(client, bodies, concurrency=concurrency, duration=duration, headers=headers)
+    wall = time.perf_counter() - t0
+    ok = [r.seconds for r in results if r.status == 200]
+    bad = len(results) - len(ok)
+    lat = np.array(ok) * 1000
+    return {"concurrency": concurrency, "requests": len(results), "errors": bad, "img_s": len(ok) / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, thresholds=None,
+                cascade_check: bool = False) -> dict:
+    stop(tmp)
+    ready, _ = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay)
+    t0 = time.perf_counter()
+    client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
+    first = client.predict(bodies[0])
+    out = {"ready_s": ready, "first_answer_s": ready + time.perf_counter() - t0, "first_status": first.status}
+    try:
+        out["one_client"] = serve_phase(tmp, bodies, 1, args.low_s)
+        for c in args.concurrency:
+            out[f"c{c}"] = serve_phase(tmp, bodies, c, args.sat_s)
+        if cascade_check:
+            c = max(args.concurrency)
+            out["fixed_2048"] = serve_phase(tmp, bodies, c, args.sat_s, {"X-MRL-Dim": "2048"})
+            out["cascade"] = serve_phase(tmp, bodies, c, args.sat_s)
+    finally:
+        stop(tmp)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", default="imagenet,demo")
+    p.add_argument("--modes", default="baseline,fp32,bf16")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-delay", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    args = p.parse_args(argv)
+    args.low_s, args.sat_s = (5, 8) if args.quick else (15, 25)
+    args.concurrency = (4, 16) if args.quick else (2, 4, 8, 16)
+    repeat = 5 if args.quick else 15
+    configure_threads()
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
+              "peak_gflops": {"fp32": peak_gflops(torch.float32), "bf16": peak_gflops(torch.bfloat16)},
+              "settings": {"batch_size": args.batch_size, "batch_delay_ms": args.batch_delay}, "results": {}}
+    print(json.dumps(report["machine"]), json.dumps(report["peak_gflops"]), flush=True)
+    thresholds = DEMO / "thresholds.json"
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        ckpts = make_checkpoints(tmp)
+        inputs = {"imagenet": imagenet_inputs(), "demo": demo_inputs()}
+        for model in args.models.split(","):
+            for mode_name in args.modes.split(","):
+                mode = MODES[mode_name]
+                ckpt = ckpts[model][mode["numerics"]]
+                res = {"raw": raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat)}
+                print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
+                thr = None
+                if model == "demo" and mode_name == "bf16" and thresholds.exists():
+                    thr = thresholds  # the shipped thresholds were fit with bf16 numerics
+                res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,
+                                            cascade_check=thr is not None)
+                print(model, mode_name, "server", json.dumps(res["server"]), flush=True)
+                report["results"][f"{model}/{mode_name}"] = res
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

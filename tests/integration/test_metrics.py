@@ -1,0 +1,122 @@
+"""Metrics end to end: real TorchServe, real Prometheus, a scripted mix of requests.
+
+Exact counts are read from TorchServe's endpoint (deltas over the mix); then every dashboard query
+and rule is evaluated through Prometheus's HTTP API, and a drift scenario drives the drift alert's
+expression true (its windows scaled from minutes/hours to seconds).
+"""
+import json
+import re
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from bench.client import run_load
+from monitoring import prometheus
+from monitoring.queries import dashboard_queries, rule_expressions
+from tests.integration.server import PORTS
+
+pytestmark = pytest.mark.integration
+PROM_PORT = 19090
+# (headers, body index or None for a corrupt body, expected status, expected error reason)
+MIX = ([({}, i, 200, None) for i in range(24)]
+       + [({"X-MRL-Dim": "64"}, i, 200, None) for i in range(6)]
+       + [({"X-MRL-Operating-Point": "exact"}, i, 200, None) for i in range(4)]
+       + [({}, None, 400, "decode")] * 3
+       + [({"X-MRL-Top-K": "0"}, 0, 400, "bad_option")] * 2
+       + [({"X-MRL-Dim": "7"}, 0, 400, "bad_option")]
+       + [({"Content-Type": "application/x-www-form-urlencoded"}, 0, 415, "bad_request")])
+
+
+def samples(text: str, name: str) -> dict[tuple, float]:
+    out = {}
+    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(1))))
+        out[labels] = float(m.group(2))
+    return out
+
+
+def delta(after: str, before: str, name: str, by: str | None = None) -> dict:
+    a, b = samples(after, name), samples(before, name)
+    out: dict = {}
+    for labels, v in a.items():
+        key = dict(labels).get(by) if by else None
+        out[key] = out.get(key, 0.0) + v - b.get(labels, 0.0)
+    return {k: v for k, v in out.items() if v}
+
+
+def query(expr: str) -> dict:
+    url = f"http://127.0.0.1:{PROM_PORT}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+@pytest.fixture(scope="module")
+def prom(tmp_path_factory, tiny_server):
+    tmp = tmp_path_factory.mktemp("prom")
+    text = (prometheus.CONFIG).read_text()
+    text = text.replace("127.0.0.1:8082", f"127.0.0.1:{PORTS['metrics']}").replace("5s", "1s")
+    text = text.replace("- alerts.yml", f"- {prometheus.MONITORING / 'alerts.yml'}")
+    (tmp / "prometheus.yml").write_text(text)
+    prometheus.start(tmp / "prometheus.yml", tmp / "data", port=PROM_PORT)
+    yield
+    prometheus.stop(tmp / "data")
+
+
+def send_mix(server, images):
+    client = server.client()
+    results = []
+    for headers, idx, _, _ in MIX:
+        body = images[idx] if idx is not None else images[0][:50]
+        results.append(client.predict(body, {"Content-Type": "image/png", **headers}))
+    return results
+
+
+def test_counters_match_the_responses_exactly(tiny_server, test_images):
+    before = tiny_server.scrape()
+    results = send_mix(tiny_server, test_images)
+    assert [r.status for r in results] == [m[2] for m in MIX]
+    time.sleep(1.5)  # the frontend applies metric lines shortly after the response
+    after = tiny_server.scrape()
+    ok = [r.body for r in results if r.status == 200]
+    exits = delta(after, before, "mrl_cascade_exits_total")
+    assert sum(exits.values()) == len(ok)
+    expected_errors: dict = {}
+    for _, _, status, reason in MIX:
+        if reason:
+            expected_errors[reason] = expected_errors.get(reason, 0) + 1
+    assert delta(after, before, "mrl_request_errors_total", by="reason") == expected_errors
+    dims = sum(delta(after, before, "mrl_embedding_dims_total").values())
+    assert abs(dims / sum(exits.values()) - sum(b["embedding_dim"] for b in ok) / len(ok)) < 1e-9
+    by_dim = delta(after, before, "mrl_cascade_exits_total", by="embedding_dim")
+    assert by_dim.get("64") == 6
+
+
+def test_every_dashboard_query_and_rule_returns_data(prom, tiny_server, test_images):
+    send_mix(tiny_server, test_images)
+    run_load(tiny_server.client(), test_images, concurrency=4, count=60)
+    time.sleep(4)  # a few scrapes and rule evaluations
+    empty = [q for q in dashboard_queries() if not query(q)["data"]["result"]]
+    assert not empty, f"dashboard queries with no data: {empty}"
+    for name, expr in rule_expressions():
+        res = query(expr)
+        assert res["status"] == "success", (name, res)
+        if name.startswith("mrl:"):  # recording rules must produce series
+            assert res["data"]["result"], name
+
+
+def test_drift_raises_mean_dims_and_the_drift_alert_expression_turns_true(prom, tiny_server, test_images):
+    client = tiny_server.client()
+    run_load(client, test_images, concurrency=4, duration=20, headers={"Content-Type": "image/png", "X-MRL-Dim": "8"})
+    time.sleep(3)
+    base = float(query('sum(mrl:mean_dims:rate5m)')["data"]["result"][0]["value"][1])
+    run_load(client, test_images, concurrency=4, duration=20, headers={"Content-Type": "image/png", "X-MRL-Dim": "2048"})
+    time.sleep(3)
+    drifted = float(query('sum(mrl:mean_dims:rate5m)')["data"]["result"][0]["value"][1])
+    print(f"mean dims before drift {base:.1f}, after {drifted:.1f}")
+    assert drifted > 1.5 * base
+    expr = dict(rule_expressions())["MRLMeanDimsDrift"]
+    scaled = expr.replace("[10m]", "[10s]").replace("[6h] offset 10m", "[15s] offset 25s")
+    assert scaled != expr
+    assert query(scaled)["data"]["result"], scaled

@@ -1,0 +1,155 @@
+"""Reliability and safe defaults against a real TorchServe serving the demo model.
+
+Load length is bounded: MRL_LOAD_SECONDS (default 10 in CI; the report uses 60). Figures are
+written to MRL_RELIABILITY_OUT (a JSON file) when that is set.
+"""
+import concurrent.futures as cf
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.client import run_load
+from tests.corpus import cases
+from tests.integration.server import PORTS, ROOT, running_server
+
+pytestmark = pytest.mark.integration
+DEMO = ROOT / "model_store" / "fashion_mnist"
+FIGURES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    ckpt = DEMO / "mrl_resnet50_fp16.pt"
+    if not ckpt.exists():
+        pytest.skip("the demo checkpoint is not there")
+    thresholds = DEMO / "thresholds.json"
+    with running_server(tmp_path_factory.mktemp("demo"), ckpt, thresholds=thresholds if thresholds.exists() else None,
+                        batch_size=8, batch_delay=5, graph=os.environ.get("MRL_TEST_GRAPH", "jit")) as server:
+        yield server
+    if os.environ.get("MRL_RELIABILITY_OUT"):
+        Path(os.environ["MRL_RELIABILITY_OUT"]).write_text(json.dumps(FIGURES, indent=2) + "\n")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def test_corpus_over_http_alone_and_mixed_with_valid_images(demo_server, test_images):
+    pid = demo_server.worker_pids()
+    client = demo_server.client()
+    outcomes = {}
+    for case in cases():
+        body, headers = case.to_http()
+        r = client.predict(body, headers)
+        outcomes[case.name] = r.status
+        assert r.status in case.statuses, (case.name, r.status, r.body)
+        if r.status >= 400:
+            assert {"code", "type", "message"} <= set(r.body) and r.body["message"], (case.name, r.body)
+    solo = [client.predict(b).body for b in test_images[:7]]
+    refused = [c for c in cases() if not c.ok]
+    with cf.ThreadPoolExecutor(8) as pool:
+        for case in refused:
+            body, headers = case.to_http()
+            futures = [pool.submit(client.predict, b) for b in test_images[:7]]
+            bad = pool.submit(client.predict, body, headers)
+            assert bad.result().status in case.statuses, case.name
+            for f, s in zip(futures, solo):
+                r = f.result()
+                assert r.status == 200 and (r.body["label"], r.body["embedding_dim"]) == (s["label"], s["embedding_dim"])
+    assert demo_server.worker_pids() == pid
+    FIGURES["corpus"] = {"kinds": len(outcomes), "refused": sum(s >= 400 for s in outcomes.values()),
+                         "classified": sum(s == 200 for s in outcomes.values()), "worker_pid_unchanged": True}
+
+
+def test_body_over_max_request_size_is_refused(demo_server):
+    r = demo_server.client().predict(b"\xff" * (8 * 1024 * 1024 + 1))
+    assert r.status == 413
+
+
+def test_sustained_load_has_no_5xx_and_bounded_memory(demo_server, test_images):
+    seconds = float(os.environ.get("MRL_LOAD_SECONDS", 10))
+    client, [pid] = demo_server.client(), demo_server.worker_pids()
+    run_load(client, test_images, concurrency=32, duration=min(5.0, seconds / 2))  # warm-up
+    rss_before = rss_kib(pid)
+    results = run_load(client, test_images, concurrency=32, duration=seconds, count=200_000)
+    rss_after = rss_kib(pid)
+    lat = np.array([r.seconds for r in results]) * 1000
+    fig = {"seconds": seconds, "clients": 32, "requests": len(results),
+           "status_5xx": sum(r.status >= 500 or r.status == 0 for r in results),
+           "non_200": sum(r.status != 200 for r in results), "p50_ms": float(np.percentile(lat, 50)),
+           "p99_ms": float(np.percentile(lat, 99)), "rss_before_mib": rss_before / 1024,
+           "rss_after_mib": rss_after / 1024, "rss_growth": rss_after / rss_before - 1}
+    FIGURES["load"] = fig
+    print(json.dumps(fig))
+    assert fig["status_5xx"] == 0 and fig["non_200"] == 0
+    assert fig["rss_growth"] < 0.10
+
+
+def test_killed_worker_is_restarted_and_nothing_hangs(demo_server, test_images):
+    client = demo_server.client(timeout=60)
+    before = [client.predict(b).body for b in test_images[:16]]
+    [pid] = demo_server.worker_pids()
+    with cf.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(run_load, demo_server.client(timeout=60), test_images, concurrency=8, duration=25)
+        time.sleep(3)
+        t_kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        results = load.result()
+    recovered = None
+    while time.monotonic() - t_kill < 120:
+        try:
+            if demo_server.worker_pids() != [pid] and client.predict(test_images[0]).status == 200:
+                recovered = time.monotonic() - t_kill
+                break
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.2)
+    assert recovered is not None, "the service did not answer again within 120 s"
+    failed = [r for r in results if r.status != 200]
+    assert all(r.status >= 500 for r in failed), [r.status for r in failed]
+    assert max(r.seconds for r in results) < 30 + 5  # the response timeout, plus slack
+    after = [client.predict(b).body for b in test_images[:16]]
+    assert [(a["label"], a["embedding_dim"]) for a in after] == [(b["label"], b["embedding_dim"]) for b in before]
+    FIGURES["fault"] = {"recovery_s": recovered, "requests_during": len(results), "failed_5xx": len(failed),
+                        "slowest_s": max(r.seconds for r in results)}
+    print(json.dumps(FIGURES["fault"]))
+
+
+def test_ports_are_bound_to_loopback_only(demo_server):
+    listening = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":  # LISTEN
+            addr, port = local.split(":")
+            listening[int(port, 16)] = addr
+    for port in PORTS.values():
+        assert listening.get(port) == "0100007F", (port, listening.get(port))  # 127.0.0.1
+
+
+def test_model_registration_api_is_off(demo_server):
+    req = urllib.request.Request(f"{demo_server.management}/models?url=evil.mar", method="POST",
+                                 headers={"Authorization": f"Bearer {demo_server.keys['management']}"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert 400 <= err.value.code < 500
+
+
+def test_logs_hold_no_request_bodies_or_tokens(demo_server):
+    marker = "SECRET-BODY-MARKER-7f3a"
+    demo_server.client().predict(marker.encode(), {"Content-Type": "text/plain"})
+    demo_server.client().predict(json.dumps({"data": marker}).encode(), {"Content-Type": "application/json"})
+    time.sleep(1)
+    logs = "".join(p.read_text(errors="replace") for p in (demo_server.root / "logs").glob("*.log"))
+    assert marker not in logs
+    for token in demo_server.keys.values():
+        assert token not in logs
