@@ -118,6 +118,11 @@ def write_report(path: Path, out: Outputs, scored: dict, frontier: list[Point], 
             e = evals["points"][name]
             row += f" {e['top1']:.4f} | {e['expected_dims']:.1f} |"
         lines.append(row)
+    g = scored["greedy"][3]
+    match = min((p for p in frontier if p.top1 >= g.top1), key=lambda p: p.expected_dims, default=None)
+    if match is not None:
+        lines += ["", f"Frontier vs greedy on the holdout: greedy reaches {g.top1:.4f} at {g.expected_dims:.2f} dims; "
+                  f"the frontier reaches {match.top1:.4f} at {match.expected_dims:.2f} dims."]
     lines += ["", "Fixed sizes (top-1):", "",
               "| data | " + " | ".join(str(m) for m in out.nesting) + " |",
               "|---|" + "---|" * len(out.nesting),

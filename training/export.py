@@ -21,8 +21,8 @@ from handler.checkpoint import load_mrl_resnet50, save_checkpoint
 CHECKPOINT_NAME = "mrl_resnet50_fp16.pt"
 
 
-def export(run: Path, out: Path, graph: str = "jit") -> Path:
-    model, card = load_mrl_resnet50(run)
+def export(run: Path, out: Path, graph: str = "jit", numerics: str = "fp32") -> Path:
+    model, card = load_mrl_resnet50(run, numerics=numerics)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         draft = Path(tmp) / CHECKPOINT_NAME
@@ -47,5 +47,7 @@ if __name__ == "__main__":
     p.add_argument("--run", required=True, help="final.pt written by training/train_mrl.py")
     p.add_argument("--out", required=True)
     p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
+    p.add_argument("--numerics", default="fp32", choices=("fp32", "bf16"),
+                   help="serving numerics recorded in the card (fp32 measured fastest here: docs/benchmarks.md)")
     a = p.parse_args()
-    export(Path(a.run), Path(a.out), a.graph)
+    export(Path(a.run), Path(a.out), a.graph, a.numerics)

@@ -68,3 +68,26 @@ def test_requests_without_the_inference_token_are_refused(tiny_server, test_imag
 
 def _counter(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+def test_an_official_format_checkpoint_serves_224_jpegs(tmp_path_factory):
+    """Random weights in the official RAIVNLab layout (DDP prefix, BlurPool, nine MRL heads)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from handler.checkpoint import imagenet_classes
+    from tests.integration.server import running_server
+    from tests.unit.test_checkpoint import official_state
+
+    tmp = tmp_path_factory.mktemp("official")
+    torch.save(official_state("mrl"), tmp / "mrl_r50_official.pt")
+    rng = np.random.default_rng(0)
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(jpeg, "JPEG", quality=90)
+    with running_server(tmp / "ts", tmp / "mrl_r50_official.pt", batch_size=2, batch_delay=5) as server:
+        r = server.client().predict(jpeg.getvalue(), {"Content-Type": "image/jpeg", "X-MRL-Top-K": "3"})
+    assert r.status == 200, r.body
+    assert r.body["operating_point"] == "fixed_2048" and r.body["embedding_dim"] == 2048
+    assert r.body["label"] in imagenet_classes() and len(r.body["top_k"]) == 3

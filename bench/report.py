@@ -1,0 +1,90 @@
+"""Turn bench/run.py's JSON into docs/benchmarks.md tables and a plot.
+
+    python -m bench.report docs/benchmarks.json      # writes docs/benchmarks_tables.md and .png
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def tables(report: dict) -> str:
+    m, peak = report["machine"], report["peak_gflops"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, avx512_bf16={m['avx512_bf16']}, "
+             f"amx={m['amx']}. Run {report['date']} with `{report['command']}`.",
+             f"Measured matmul peak (2048x2048): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s.",
+             f"Server: batchSize {report['settings']['batch_size']}, maxBatchDelay "
+             f"{report['settings']['batch_delay_ms']} ms, one worker.", ""]
+    bs = str(report["settings"]["batch_size"])
+    lines += ["| model / mode | raw pipeline b1 (img/s) | raw pipeline b%s (img/s) | backbone b%s GFLOP/s (share of peak) "
+              "| server saturation (img/s) | server / raw | 1 client p50 (ms) | raw b1 latency (ms) | cold start to first answer (s) |" % (bs, bs),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key, res in report["results"].items():
+        raw, srv = res["raw"], res["server"]
+        numerics = "bf16" if key.endswith("bf16") else "fp32"
+        sat = max((v for k, v in srv.items() if k.startswith("c") and isinstance(v, dict)),
+                  key=lambda v: v["img_s"])
+        gf = raw[bs]["backbone_gflops"]
+        lines.append(
+            f"| {key} | {raw['1']['pipeline_img_s']:.1f} | {raw[bs]['pipeline_img_s']:.1f} | {gf:.0f} "
+            f"({gf / report['peak_gflops'][numerics]:.0%}) | {sat['img_s']:.1f} (c={sat['concurrency']}) | "
+            f"{sat['img_s'] / raw[bs]['pipeline_img_s']:.2f} | {srv['one_client']['p50_ms']:.1f} | "
+            f"{raw['1']['pipeline_ms_per_batch']:.1f} | {srv['first_answer_s']:.1f} |")
+    lines += ["", "Server, every concurrency (img/s, p50 / p99 ms):", "",
+              "| model / mode | " + " | ".join(k for k in _conc_keys(report)) + " |",
+              "|---|" + "---|" * len(_conc_keys(report))]
+    for key, res in report["results"].items():
+        cells = []
+        for k in _conc_keys(report):
+            v = res["server"].get(k)
+            cells.append("-" if v is None else f"{v['img_s']:.1f} ({v['p50_ms']:.0f} / {v['p99_ms']:.0f})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    for key, res in report["results"].items():
+        srv = res["server"]
+        if "cascade" in srv:
+            c, f = srv["cascade"], srv["fixed_2048"]
+            lines += ["", f"Cascade overhead ({key}, c={c['concurrency']}): cascade {c['img_s']:.1f} img/s vs fixed "
+                      f"2048-d head {f['img_s']:.1f} img/s: overhead {1 - c['img_s'] / f['img_s']:+.1%}."]
+    return "\n".join(lines) + "\n"
+
+
+def _conc_keys(report: dict) -> list[str]:
+    keys = []
+    for res in report["results"].values():
+        for k in res["server"]:
+            if (k == "one_client" or (k.startswith("c") and k[1:].isdigit())) and k not in keys:
+                keys.append(k)
+    return keys
+
+
+def plot(report: dict, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for key, res in report["results"].items():
+        pts = sorted((v["concurrency"], v) for k, v in res["server"].items()
+                     if (k == "one_client" or (k.startswith("c") and k[1:].isdigit())))
+        xs = [c for c, _ in pts]
+        ax1.plot(xs, [v["img_s"] for _, v in pts], "o-", label=key)
+        ax2.plot(xs, [v["p50_ms"] for _, v in pts], "o-", label=f"{key} p50")
+        ax2.plot(xs, [v["p99_ms"] for _, v in pts], "x--", alpha=0.6, label=f"{key} p99")
+    ax1.set(xscale="log", xlabel="concurrent clients", ylabel="images/s", title="Server throughput")
+    ax2.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="Server latency")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks.json")
+    rep = json.loads(src.read_text())
+    src.with_name("benchmarks_tables.md").write_text(tables(rep))
+    plot(rep, src.with_name("benchmarks.png"))
+    print(tables(rep))
