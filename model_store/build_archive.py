@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-delay", type=int, default=5, help="maxBatchDelay in ms")
     p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--graph", choices=("eager", "jit", "compile"), default="eager")
+    p.add_argument("--graph", choices=("eager", "jit", "compile"), default="jit")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="NCHW activations (the benchmark's baseline)")

@@ -64,6 +64,16 @@ def prom(tmp_path_factory, tiny_server):
     prometheus.stop(tmp / "data")
 
 
+def wait_for(expr: str, timeout: float = 30.0) -> list:
+    """Poll until ``expr`` has a result (scrapes and rule evaluations run on their own clocks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = query(expr)["data"]["result"]
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
 def send_mix(server, images):
     client = server.client()
     results = []
@@ -94,10 +104,14 @@ def test_counters_match_the_responses_exactly(tiny_server, test_images):
 
 
 def test_every_dashboard_query_and_rule_returns_data(prom, tiny_server, test_images):
-    send_mix(tiny_server, test_images)
-    run_load(tiny_server.client(), test_images, concurrency=4, count=60)
-    time.sleep(4)  # a few scrapes and rule evaluations
-    empty = [q for q in dashboard_queries() if not query(q)["data"]["result"]]
+    # Traffic must span several scrapes for rate() to see the counters move.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        send_mix(tiny_server, test_images)
+        run_load(tiny_server.client(), test_images, concurrency=4, count=40)
+        if query("mrl:mean_dims:rate5m")["data"]["result"]:
+            break
+    empty = [q for q in dashboard_queries() if not wait_for(q, timeout=10)]
     assert not empty, f"dashboard queries with no data: {empty}"
     for name, expr in rule_expressions():
         res = query(expr)
@@ -110,7 +124,7 @@ def test_drift_raises_mean_dims_and_the_drift_alert_expression_turns_true(prom, 
     client = tiny_server.client()
     run_load(client, test_images, concurrency=4, duration=20, headers={"Content-Type": "image/png", "X-MRL-Dim": "8"})
     time.sleep(3)
-    base = float(query('sum(mrl:mean_dims:rate5m)')["data"]["result"][0]["value"][1])
+    base = float(wait_for("sum(mrl:mean_dims:rate5m)")[0]["value"][1])
     run_load(client, test_images, concurrency=4, duration=20, headers={"Content-Type": "image/png", "X-MRL-Dim": "2048"})
     time.sleep(3)
     drifted = float(query('sum(mrl:mean_dims:rate5m)')["data"]["result"][0]["value"][1])
