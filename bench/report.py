@@ -23,7 +23,7 @@ def tables(report: dict) -> str:
     for key, res in report["results"].items():
         raw, srv = res["raw"], res["server"]
         numerics = "bf16" if key.endswith("bf16") else "fp32"
-        sat = max((v for k, v in srv.items() if k.startswith("c") and isinstance(v, dict)),
+        sat = max((v for k, v in srv.items() if k.startswith("c") and k[1:].isdigit()),
                   key=lambda v: v["img_s"])
         gf = raw[bs]["backbone_gflops"]
         lines.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))  # the one installed beside this Python
 MANAGEMENT = "http://127.0.0.1:8081"
 INFERENCE = "http://127.0.0.1:8080"
+
+
+def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "") -> Path:
+    """A copy of config.properties for a server started elsewhere: absolute paths, other ports."""
+    text = (ROOT / "config.properties").read_text()
+    for name, port in (ports or {}).items():
+        text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
+    text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
+    text = re.sub(r"^metrics_config=.*$", f"metrics_config={ROOT / 'monitoring' / 'ts_metrics.yaml'}", text, flags=re.M)
+    dest.write_text(text + extra)
+    return dest
 
 
 def read_keys(root: Path = ROOT) -> dict[str, str]:
@@ -56,9 +68,12 @@ def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = N
     go there) and block until ``model`` has a READY worker. Returns seconds from start to READY."""
     t0 = time.monotonic()
     (root / "key_file.json").unlink(missing_ok=True)  # a stale file would hold old tokens
-    subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
-                    "--model-store", str(model_store or ROOT / "model_store")], cwd=root, check=True,
-                   stdout=subprocess.DEVNULL)
+    (root / "logs").mkdir(exist_ok=True)
+    # The daemon inherits these handles: a file, so that no caller's pipe is held open by Java.
+    with open(root / "logs" / "torchserve-start.log", "ab") as out:
+        subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
+                        "--model-store", str(model_store or ROOT / "model_store")], cwd=root, check=True,
+                       stdout=out, stderr=out)
     wait_ready(model, timeout, root, management)
     return time.monotonic() - t0
 
@@ -86,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     example = os.path.relpath(ROOT / "examples" / "ankle_boot.png")
     print(f"TorchServe is up: {args.model} READY after {took:.1f} s. Classify an image with:\n\n"
           f"  curl -H 'Authorization: Bearer {token}' -T {example} {INFERENCE}/predictions/{args.model}\n\n"
-          f"Options go in the query string, e.g. ?top_k=3&dim=64&return_embedding=true.\n"
+          f"Options go in X-MRL-* headers or JSON fields, e.g. -H 'X-MRL-Top-K: 3' -H 'X-MRL-Dim: 64'.\n"
           f"Metrics: curl {MANAGEMENT.replace('8081', '8082')}/metrics   Stop: make stop", file=sys.stdout)
 
 

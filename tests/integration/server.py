@@ -3,14 +3,13 @@ test ports, started in a temporary folder (logs and key_file.json land there), s
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.client import Client
-from model_store.serve import describe, read_keys, start, stop
+from model_store.serve import describe, read_keys, start, stop, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTS = {"inference": 18080, "management": 18081, "metrics": 18082}
@@ -41,16 +40,6 @@ class Server:
             return resp.read().decode()
 
 
-def write_config(dest: Path, model_store: Path, ports: dict[str, int] = PORTS, extra: str = "") -> Path:
-    text = (ROOT / "config.properties").read_text()
-    for name, port in ports.items():
-        text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
-    text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
-    text = re.sub(r"^metrics_config=.*$", f"metrics_config={ROOT / 'monitoring' / 'ts_metrics.yaml'}", text, flags=re.M)
-    dest.write_text(text + extra)
-    return dest
-
-
 def build_archive(checkpoint: Path, model_store: Path, *, thresholds: Path | None = None, name: str = "mrl_resnet50",
                   graph: str = "eager", batch_size: int = 8, batch_delay: int = 20, timeout: int = 30) -> Path:
     cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(checkpoint),
@@ -70,7 +59,7 @@ def running_server(tmp: Path, checkpoint: Path, *, thresholds: Path | None = Non
     store = tmp / "model_store"
     store.mkdir(parents=True, exist_ok=True)
     build_archive(checkpoint, store, thresholds=thresholds, name=name, **archive_kw)
-    config = write_config(tmp / "config.properties", store,
+    config = write_config(tmp / "config.properties", store, PORTS,
                           extra=f"\nload_models={name}.mar\n" + config_extra)
     stop(tmp)  # a stale TorchServe (one per machine) would hold the pid file
     try:
