@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from handler.checkpoint import file_sha256, load_mrl_resnet50
@@ -81,7 +80,3 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", batch_size
         cached.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cached, conf=out.conf, pred=out.pred, labels=out.labels)
     return out
-
-
-def torch_conf(outputs: Outputs) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(outputs.conf, dtype=np.float32))
