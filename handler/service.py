@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from handler.cascade import fixed_dim_row, run_cascade
+from handler.cascade import fixed_dim_row, run_cascade, threshold_rows
 from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
 from handler.engine import Engine
 from handler.errors import InputError
@@ -45,8 +45,9 @@ class MRLService:
                              channels_last=channels_last)
         self.normalize = Normalizer(card.preprocessing, device)
         # One threshold row per operating point and per fixed dim, built once, indexed per request.
-        self._rows = {name: list(t) for name, t in points.points.items()}
-        self._rows.update({m: fixed_dim_row(self.nesting, m) for m in self.nesting})
+        rows = {name: list(t) for name, t in points.points.items()}
+        rows.update({m: fixed_dim_row(self.nesting, m) for m in self.nesting})
+        self._rows = {k: threshold_rows(r, 1)[0] for k, r in rows.items()}
         if not points.fitted:
             log.warning("no fitted thresholds: every request is answered at %d dims "
                         "(operating_point=%s)", self.nesting[-1], points.default)
@@ -115,8 +116,7 @@ class MRLService:
         return exc.status, exc.to_json()
 
     def _answer(self, probs: torch.Tensor, emb: torch.Tensor, opts: list[Options]) -> list[dict]:
-        rows = [self._rows[o.dim if o.dim is not None else o.operating_point] for o in opts]
-        thresholds = torch.tensor([[float("inf") if v is None else v for v in r] for r in rows])
+        thresholds = torch.stack([self._rows[o.dim if o.dim is not None else o.operating_point] for o in opts])
         result = run_cascade(probs.cpu(), thresholds, self.nesting)
         k_max = max(o.top_k for o in opts)
         top_p, top_i = result.probs.topk(k_max, dim=-1)

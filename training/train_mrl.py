@@ -12,7 +12,6 @@ At the end the model is written in this project's checkpoint format with its mod
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys

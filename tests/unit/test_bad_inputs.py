@@ -22,7 +22,7 @@ from handler.metrics import PrometheusSink
 from handler.preprocess import crop_image, decode_image
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
-from tests.corpus import cases, encode, gradient, images
+from tests.corpus import cases, encode, images
 
 CASES = cases()
 REFUSALS = [c for c in CASES if not c.ok]
