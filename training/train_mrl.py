@@ -39,6 +39,7 @@ DEFAULTS = dict(
     label_smoothing=0.1,
     pad=2,                # random-crop zero padding, in input pixels
     seed=0,
+    precision="bf16",     # autocast dtype for the forward pass; "fp32" turns autocast off
 )
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
@@ -74,17 +75,19 @@ def prepare(data: ArrayImages, spec: Preprocessing) -> torch.Tensor:
 
 
 def augment(batch: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, on uint8 (B, H, W)."""
+    """Random crop with zero padding and random horizontal flip, on uint8 (B, H, W).
+
+    One gather for the whole batch: row and column indices per image, flipped columns reversed.
+    """
     b, h, w = batch.shape
     padded = F.pad(batch, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     flip = torch.rand(b, generator=gen) < 0.5
-    out = torch.empty_like(batch)
-    for i in range(b):
-        crop = padded[i, dy[i]: dy[i] + h, dx[i]: dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    cols = torch.arange(w).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(-1), cols) + dx[:, None]
+    rows = torch.arange(h)[None, :] + dy[:, None]
+    return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 @torch.no_grad()
@@ -157,7 +160,7 @@ def train(args: argparse.Namespace) -> Path:
         for step in bar:
             idx = perm[step * args.batch_size: (step + 1) * args.batch_size]
             x = norm(augment(x_train[idx], args.pad, gen).numpy())
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 logits = model(x)
             loss = loss_fn(logits, y_train[idx])
             opt.zero_grad(set_to_none=True)
@@ -198,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="run folder: last.pt (resumable) and final.pt")
     for k, v in DEFAULTS.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v,
+                       choices=("bf16", "fp32") if k == "precision" else None)
     p.add_argument("--head", choices=("mrl", "mrl_e"), default="mrl")
     p.add_argument("--loss-weights", type=lambda s: [float(v) for v in s.split(",")], default=None,
                    help="comma-separated c_m, one per size (default: all 1)")

@@ -23,6 +23,19 @@ def test_augment_keeps_shape_and_content_scale():
     assert augment(batch, 0, torch.Generator().manual_seed(1)).float().sum() == batch.float().sum()
 
 
+def test_augment_equals_a_per_image_crop_and_flip():
+    batch = torch.randint(0, 255, (64, 32, 32), dtype=torch.uint8)
+    out = augment(batch, 2, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    dy, dx = torch.randint(0, 5, (64,), generator=gen), torch.randint(0, 5, (64,), generator=gen)
+    flip = torch.rand(64, generator=gen) < 0.5
+    assert 0 < flip.sum() < 64
+    padded = F.pad(batch, (2, 2, 2, 2))
+    for i in range(64):
+        crop = padded[i, dy[i]: dy[i] + 32, dx[i]: dx[i] + 32]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
+
+
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
     model = MRLResNet50(num_classes=10).to(memory_format=torch.channels_last)
