@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.checkpoint import file_sha256, load_mrl_resnet50, read_checkpoint
 from handler.engine import Engine, configure_threads
 from handler.preprocess import Normalizer, crop_image
 from training.data import load_spec
@@ -44,11 +44,13 @@ class Outputs:
         return {str(m): float(a) for m, a in zip(self.nesting, self.correct.mean(axis=0))}
 
 
-def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", batch_size: int = 250,
-            cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True) -> Outputs:
-    """Run the model over ``spec`` (or read the cache) and return per-size confidences and labels."""
+def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
+            batch_size: int = 250, cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True) -> Outputs:
+    """Run the model over ``spec`` (or read the cache) and return per-size confidences and labels.
+
+    ``numerics`` overrides the card's (the parity check runs one checkpoint both ways)."""
     sha = file_sha256(checkpoint)
-    model, card = load_mrl_resnet50(checkpoint)
+    card, _ = read_checkpoint(checkpoint, numerics=numerics)  # the cache key needs only the card
     meta = {"checkpoint_sha256": sha, "data": spec, "numerics": card.numerics, "graph": graph,
             "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting)}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
@@ -58,6 +60,7 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", batch_size
         return Outputs(z["conf"], z["pred"], z["labels"], card.nesting, {**meta, "n": len(z["labels"]), "cached": True})
 
     configure_threads()
+    model, card = load_mrl_resnet50(checkpoint, numerics=numerics)
     data = load_spec(spec, card.classes)
     batch_size = min(batch_size, len(data))
     engine = Engine(model, numerics=card.numerics, graph=graph, input_size=card.preprocessing.crop,

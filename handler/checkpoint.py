@@ -117,6 +117,15 @@ def load_mrl_resnet50(path: str | Path, *, numerics: str | None = None,
     Returns the model in eval mode (fp32 weights) and its card. ``numerics`` overrides the card's;
     ``classes`` names the classes of an official checkpoint (default: ImageNet-1K).
     """
+    card, state = read_checkpoint(path, numerics=numerics, classes=classes)
+    model = card.build_model()
+    _load_strict(model, state, path)
+    return model.eval(), card
+
+
+def read_checkpoint(path: str | Path, *, numerics: str | None = None,
+                    classes: list[str] | None = None) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """The card and the state dict (our key names) of a checkpoint, without building the model."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -137,9 +146,7 @@ def load_mrl_resnet50(path: str | Path, *, numerics: str | None = None,
     if numerics is not None:
         card.numerics = numerics
         card.__post_init__()
-    model = card.build_model()
-    _load_strict(model, state, path)
-    return model.eval(), card
+    return card, state
 
 
 def official_card(state: dict[str, torch.Tensor], classes: list[str]) -> ModelCard:
