@@ -12,7 +12,7 @@ GRAPH ?= jit
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: help env serve archive stop test test-unit test-integration monitor bench clean
+.PHONY: help env serve archive stop test test-unit test-integration monitor bench parity clean
 
 help:
 	@echo "make serve     build the demo archive, start TorchServe, print a ready curl"
@@ -21,6 +21,7 @@ help:
 	@echo "make archive CHECKPOINT=path [THRESHOLDS=path]   build model_store/mrl_resnet50.mar"
 	@echo "make monitor   start Prometheus scraping the running server"
 	@echo "make bench     the benchmark (docs/benchmarks.md)"
+	@echo "make parity    bf16 against fp32 on the demo model (docs/parity.json)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +55,9 @@ monitor: env
 
 bench: env
 	$(PY) -m bench.run
+
+parity: env
+	$(PY) -m bench.parity
 
 clean:
 	rm -rf logs model_store/*.mar key_file.json .pytest_cache
