@@ -13,7 +13,7 @@ def tables(report: dict) -> str:
     m, peak = report["machine"], report["peak_gflops"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, avx512_bf16={m['avx512_bf16']}, "
              f"amx={m['amx']}. Run {report['date']} with `{report['command']}`.",
-             f"Measured matmul peak (2048x2048): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s.",
+             f"Measured matmul peak (best run over {report.get('peak_sizes', [2048])} square matmuls): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s.",
              f"Server: batchSize {report['settings']['batch_size']}, maxBatchDelay "
              f"{report['settings']['batch_delay_ms']} ms, one worker.", ""]
     bs = str(report["settings"]["batch_size"])
@@ -44,8 +44,9 @@ def tables(report: dict) -> str:
         srv = res["server"]
         if "cascade" in srv:
             c, f = srv["cascade"], srv["fixed_2048"]
+            pairs = f" (medians of {len(c['runs'])} alternating pairs)" if "runs" in c else ""
             lines += ["", f"Cascade overhead ({key}, c={c['concurrency']}): cascade {c['img_s']:.1f} img/s vs fixed "
-                      f"2048-d head {f['img_s']:.1f} img/s: overhead {1 - c['img_s'] / f['img_s']:+.1%}."]
+                      f"2048-d head {f['img_s']:.1f} img/s{pairs}: overhead {1 - c['img_s'] / f['img_s']:+.1%}."]
     return "\n".join(lines) + "\n"
 
 
