@@ -162,8 +162,9 @@ def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, bat
     (tmp / "key_file.json").unlink(missing_ok=True)
     t0 = time.monotonic()
     config = write_config(tmp / "config.properties", store)
+    # Neither handle may be the caller's pipe: the Java daemon inherits them and would hold it open.
     subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store)],
-                   cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
+                   cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ready = wait_ready("mrl_resnet50", 180, tmp)
     return ready, time.monotonic() - t0
 
@@ -183,12 +184,12 @@ def serve_phase(tmp: Path, bodies: list[bytes], concurrency: int, duration: floa
 def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, thresholds=None,
                 cascade_check: bool = False) -> dict:
     stop(tmp)
-    ready, _ = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay)
-    t0 = time.perf_counter()
-    client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
-    first = client.predict(bodies[0])
-    out = {"ready_s": ready, "first_answer_s": ready + time.perf_counter() - t0, "first_status": first.status}
-    try:
+    try:  # a server that never gets READY is stopped too
+        ready, _ = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay)
+        t0 = time.perf_counter()
+        client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
+        first = client.predict(bodies[0])
+        out = {"ready_s": ready, "first_answer_s": ready + time.perf_counter() - t0, "first_status": first.status}
         out["one_client"] = serve_phase(tmp, bodies, 1, args.low_s)
         for c in args.concurrency:
             out[f"c{c}"] = serve_phase(tmp, bodies, c, args.sat_s)
