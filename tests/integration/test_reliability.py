@@ -17,6 +17,7 @@ import pytest
 
 from bench.client import run_load
 from tests.corpus import cases
+from model_store.serve import start, stop
 from tests.integration.server import PORTS, ROOT, running_server
 
 pytestmark = pytest.mark.integration
@@ -155,3 +156,22 @@ def test_logs_hold_no_request_bodies_or_tokens(demo_server):
     assert marker not in logs
     for token in demo_server.keys.values():
         assert token not in logs
+
+
+def test_whole_server_restart_gives_the_same_answers(demo_server, test_images):
+    """Stop TorchServe entirely and start it again from the same archive and config (last in this
+    module: the other tests share the server). New tokens, new worker; the same answers."""
+    before = [demo_server.client().predict(b).body for b in test_images[:32]]
+    [old_pid] = demo_server.worker_pids()
+    stop(demo_server.root)
+    t0 = time.monotonic()
+    start(demo_server.model, 240, root=demo_server.root, config=demo_server.root / "config.properties",
+          model_store=demo_server.root / "model_store", management=demo_server.management)
+    ready = time.monotonic() - t0
+    assert demo_server.worker_pids() != [old_pid]
+    after = [demo_server.client().predict(b).body for b in test_images[:32]]
+    for a, b in zip(after, before):
+        assert (a["label"], a["embedding_dim"], a["sizes_tried"]) == (b["label"], b["embedding_dim"], b["sizes_tried"])
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-4)
+    FIGURES["restart"] = {"ready_s": ready, "requests_compared": len(after)}
+    print(json.dumps(FIGURES["restart"]))
