@@ -4,7 +4,9 @@
 graph mode:
 
 * ``eager``   plain PyTorch;
-* ``jit``     traced and frozen TorchScript (BN folded, oneDNN fusions), any batch size;
+* ``jit``     traced and frozen TorchScript (BN folded), any batch size; on CPU with oneDNN Graph
+              fusion (conv + add + relu partitions), which measured 1.3x (batch 1) to 1.9x
+              (batch 8) on the demo model and 1.16x on a 224x224 batch of 8 on this machine;
 * ``compile`` torch.compile with inductor freezing, compiled for each serving batch size at start.
 
 The same code runs on CUDA when given a CUDA device. Calibration and evaluation use ``Engine``
@@ -48,7 +50,7 @@ class Engine:
 
     def __init__(self, model: MRLResNet50, *, numerics: str = "fp32", device: str | torch.device = "cpu",
                  graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,),
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, onednn_fusion: bool = True) -> None:
         if numerics not in ("fp32", "bf16"):
             raise ValueError(f"numerics must be 'fp32' or 'bf16', got {numerics!r}")
         if graph not in GRAPH_MODES:
@@ -57,6 +59,7 @@ class Engine:
         if numerics == "bf16" and not bf16_supported(self.device):
             raise ValueError(f"numerics 'bf16' is not supported on {self.device}; serve with 'fp32'")
         self.numerics, self.graph, self.nesting = numerics, graph, model.nesting
+        self.onednn_fusion = False
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autocast = numerics == "bf16"
         module = _Serving(model.eval().to(self.device, memory_format=self.memory_format)).eval()
@@ -64,6 +67,10 @@ class Engine:
                               ).to(memory_format=self.memory_format)
         with torch.inference_mode():
             if graph == "jit":
+                # A process-wide switch, read when the profiling executor optimizes the graph
+                # (during warm-up below); one Engine per worker process, so setting it is safe.
+                self.onednn_fusion = onednn_fusion and self.device.type == "cpu"
+                torch.jit.enable_onednn_fusion(self.onednn_fusion)
                 # Autocast's weight cache would be baked into the trace as constants of the
                 # wrong dtype; the notes in torch.jit's autocast docs ask for cache_enabled=False.
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast,

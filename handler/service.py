@@ -35,14 +35,14 @@ class MRLService:
     def __init__(self, model, card: ModelCard, points: OperatingPoints, *, name: str = "mrl_resnet50",
                  device: str = "cpu", graph: str = "eager", batch_sizes: Sequence[int] = (1,),
                  sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS,
-                 channels_last: bool = True, jpeg_draft: bool = True) -> None:
+                 channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True) -> None:
         self.card, self.points, self.name = card, points, name
         self.nesting = card.nesting
         self.sink = sink or NullSink()
         self.max_pixels, self.jpeg_draft = max_pixels, jpeg_draft
         self.engine = Engine(model, numerics=card.numerics, device=device, graph=graph,
                              input_size=card.preprocessing.crop, batch_sizes=batch_sizes,
-                             channels_last=channels_last)
+                             channels_last=channels_last, onednn_fusion=onednn_fusion)
         self.normalize = Normalizer(card.preprocessing, device)
         # One threshold row per operating point and per fixed dim, built once, indexed per request.
         rows = {name: list(t) for name, t in points.points.items()}

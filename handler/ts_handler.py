@@ -44,7 +44,8 @@ class MRLHandler:
             props["model_dir"], name=context.model_name, device=device,
             graph=settings.get("graph", "eager"), batch_sizes=_warm_sizes(batch_size),
             channels_last=bool(settings.get("channels_last", True)),
-            jpeg_draft=bool(settings.get("jpeg_draft", True)), sink=TorchServeSink(context.metrics))
+            jpeg_draft=bool(settings.get("jpeg_draft", True)),
+            onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics))
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s", context.model_name, device, threads,
                  self.service.engine.graph, self.service.card.numerics, batch_size,

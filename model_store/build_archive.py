@@ -31,6 +31,7 @@ handler:
   threads: {threads}            # intra-op threads per worker; 0 = all cores in the worker's affinity
   channels_last: {channels_last}   # NHWC activations (oneDNN's fast layout on CPU)
   jpeg_draft: {jpeg_draft}      # let libjpeg decode at a reduced scale before resizing
+  onednn_fusion: {onednn_fusion}   # jit on CPU: oneDNN Graph fuses conv/add/relu partitions
 """
 
 
@@ -49,7 +50,7 @@ def build(args: argparse.Namespace) -> Path:
         stage = Path(tmp)
         (stage / "checkpoint.pt").symlink_to(ckpt)
         settings = {**vars(args), "channels_last": str(args.channels_last).lower(),
-                    "jpeg_draft": str(args.jpeg_draft).lower()}
+                    "jpeg_draft": str(args.jpeg_draft).lower(), "onednn_fusion": str(args.onednn_fusion).lower()}
         (stage / "model-config.yaml").write_text(MODEL_CONFIG.format(**settings))
         pkg = stage / "handler"
         shutil.copytree(ROOT / "handler", pkg, ignore=shutil.ignore_patterns("__pycache__", "ts_handler.py"))
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NCHW activations (the benchmark's baseline)")
     p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
                    help="full-size JPEG decode before resizing (the benchmark's baseline)")
+    p.add_argument("--no-onednn-fusion", dest="onednn_fusion", action="store_false",
+                   help="traced graph without oneDNN Graph fusion")
     return p.parse_args(argv)
 
 
