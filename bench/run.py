@@ -194,13 +194,12 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
         for c in args.concurrency:
             out[f"c{c}"] = serve_phase(tmp, bodies, c, args.sat_s)
         if cascade_check:
-            # Alternate fixed-2048 and cascade phases so that drift in the machine's speed lands on
-            # both; compare medians over the pairs.
+            # Alternate fixed-2048 and cascade phases; compare medians over the pairs.
             c, runs = max(args.concurrency), {"fixed_2048": [], "cascade": []}
-            phases = {"fixed_2048": {"X-MRL-Dim": "2048"}, "cascade": None}
+            headers = {"fixed_2048": {"X-MRL-Dim": "2048"}, "cascade": None}
             for i in range(args.cascade_pairs):  # ABBA order: a steady drift lands on both sides
                 for name in (("fixed_2048", "cascade") if i % 2 == 0 else ("cascade", "fixed_2048")):
-                    runs[name].append(serve_phase(tmp, bodies, c, args.sat_s / 2, phases[name]))
+                    runs[name].append(serve_phase(tmp, bodies, c, args.sat_s / 2, headers[name]))
             for name, phases in runs.items():
                 out[name] = {"concurrency": c, "img_s": statistics.median(r["img_s"] for r in phases),
                              "runs": phases}

@@ -5,8 +5,7 @@ graph mode:
 
 * ``eager``   plain PyTorch;
 * ``jit``     traced and frozen TorchScript (BN folded), any batch size; on CPU with oneDNN Graph
-              fusion (conv + add + relu partitions), which measured 1.3x (batch 1) to 1.9x
-              (batch 8) on the demo model and 1.16x on a 224x224 batch of 8 on this machine;
+              fusion (conv + add + relu partitions; docs/benchmarks.md has its effect);
 * ``compile`` torch.compile with inductor freezing, compiled for each serving batch size at start.
 
 The same code runs on CUDA when given a CUDA device. Calibration and evaluation use ``Engine``
