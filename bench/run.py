@@ -35,7 +35,7 @@ from handler.model import mrl_resnet50
 from handler.engine import configure_threads
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
-from model_store.serve import TORCHSERVE, read_keys, stop, wait_ready, write_config
+from model_store.serve import read_keys, start, stop, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "model_store" / "fashion_mnist"
@@ -145,8 +145,8 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
 
 
 def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, batch_size: int,
-                 batch_delay: int) -> tuple[float, float]:
-    """Archive, start TorchServe with the mode's environment; (seconds to READY, to first answer)."""
+                 batch_delay: int) -> float:
+    """Archive, start TorchServe with the mode's environment; seconds from --start to READY."""
     store = tmp / "store"
     store.mkdir(exist_ok=True)
     cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(ckpt),
@@ -159,14 +159,8 @@ def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, bat
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     if mode["malloc"]:
         env.update(MALLOC_ENV)
-    (tmp / "key_file.json").unlink(missing_ok=True)
-    t0 = time.monotonic()
     config = write_config(tmp / "config.properties", store)
-    # Neither handle may be the caller's pipe: the Java daemon inherits them and would hold it open.
-    subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store)],
-                   cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ready = wait_ready("mrl_resnet50", 180, tmp)
-    return ready, time.monotonic() - t0
+    return start("mrl_resnet50", 180, root=tmp, config=config, model_store=store, env=env)
 
 
 def serve_phase(tmp: Path, bodies: list[bytes], concurrency: int, duration: float, headers=None) -> dict:
@@ -185,7 +179,7 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
                 cascade_check: bool = False) -> dict:
     stop(tmp)
     try:  # a server that never gets READY is stopped too
-        ready, _ = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay)
+        ready = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay)
         t0 = time.perf_counter()
         client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
         first = client.predict(bodies[0])

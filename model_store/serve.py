@@ -63,17 +63,18 @@ def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = M
 
 
 def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = None,
-          model_store: Path | None = None, management: str = MANAGEMENT) -> float:
+          model_store: Path | None = None, management: str = MANAGEMENT, env: dict[str, str] | None = None) -> float:
     """Start TorchServe in the background (working directory ``root``: logs/ and key_file.json
-    go there) and block until ``model`` has a READY worker. Returns seconds from start to READY."""
+    go there; ``env`` for the server and its workers, default ours) and block until ``model`` has a
+    READY worker. Returns seconds from ``torchserve --start`` to READY."""
     t0 = time.monotonic()
     (root / "key_file.json").unlink(missing_ok=True)  # a stale file would hold old tokens
     (root / "logs").mkdir(exist_ok=True)
     # The daemon inherits these handles: a file, so that no caller's pipe is held open by Java.
     with open(root / "logs" / "torchserve-start.log", "ab") as out:
         subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
-                        "--model-store", str(model_store or ROOT / "model_store")], cwd=root, check=True,
-                       stdout=out, stderr=out)
+                        "--model-store", str(model_store or ROOT / "model_store")], cwd=root, env=env,
+                       check=True, stdout=out, stderr=out)
     wait_ready(model, timeout, root, management)
     return time.monotonic() - t0
 

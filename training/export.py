@@ -48,6 +48,6 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True)
     p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
     p.add_argument("--numerics", default="fp32", choices=("fp32", "bf16"),
-                   help="serving numerics recorded in the card (fp32 measured fastest here: docs/benchmarks.md)")
+                   help="serving numerics recorded in the card (docs/benchmarks.md compares them)")
     a = p.parse_args()
     export(Path(a.run), Path(a.out), a.graph, a.numerics)
