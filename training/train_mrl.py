@@ -3,6 +3,11 @@
     python training/train_mrl.py --out runs/demo            # the demo recipe (see README)
     python training/train_mrl.py --out runs/demo --resume   # continue after an interruption
 
+A run with the same arguments, seed and thread count on the same machine gives the same weights
+bit for bit, whether it runs straight through or is stopped (``--stop-after N``, or killed) and
+continued with ``--resume``: the state saved each epoch holds the model, optimizer, scheduler and
+the data-order RNG.
+
 The loss is the MRL loss: sum over nesting sizes m of c_m * CE(logits_m, y), with optional label
 smoothing. Inputs go through the server's own preprocessing (``handler.preprocess``) once, up
 front; augmentation (random crop with zero padding, horizontal flip) then runs on the batch.
@@ -110,6 +115,19 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
                            lr=lr, momentum=0.9, nesterov=True)
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command that retrains this run: argv without the flags that only slice it in time."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stop-after":
+            skip = True
+        elif a != "--resume" and not a.startswith("--stop-after="):
+            kept.append(a)
+    return " ".join(["python", "training/train_mrl.py", *map(shlex.quote, kept)])
+
+
 def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -179,13 +197,15 @@ def train(args: argparse.Namespace) -> Path:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch + 1,
                     "history": history, "elapsed_s": elapsed}, state_path)
+        if args.stop_after and epoch + 1 == args.stop_after and epoch + 1 < args.epochs:
+            print(f"stopped after epoch {epoch + 1} as asked; continue with --resume", flush=True)
+            return state_path
 
     recipe = {k: getattr(args, k) for k in (*DEFAULTS, "head", "loss_weights", "limit")}
     card = ModelCard(
         name="mrl_resnet50_fashion_mnist", classes=list(FASHION_MNIST_CLASSES), preprocessing=spec,
         nesting=model.nesting, head=args.head, blurpool=False, numerics="bf16",
-        training={"command": "python training/train_mrl.py " + " ".join(
-                      shlex.quote(a) for a in sys.argv[1:] if a != "--resume"),
+        training={"command": recorded_command(sys.argv[1:]),
                   "resumed": resumed,
                   "recipe": recipe, "data": "fashion-mnist:train (55,000 images)",
                   "holdout": f"fashion-mnist:holdout (5,000 images, seed {HOLDOUT_SEED})",
@@ -209,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="stop after epoch N, leaving OUT/last.pt to --resume (training in time slices)")
     return p.parse_args(argv)
 
 

@@ -3,7 +3,9 @@ import torch.nn.functional as F
 
 from handler.model import MRLResNet50
 from handler.preprocess import Normalizer
-from training.train_mrl import MRLLoss, augment, build_optimizer, demo_preprocessing
+from tests.unit.test_data import needs_fashion_mnist
+from training.train_mrl import (MRLLoss, augment, build_optimizer, demo_preprocessing, parse_args,
+                                recorded_command, train)
 
 
 def test_mrl_loss_is_the_weighted_sum_of_per_size_cross_entropies():
@@ -52,3 +54,28 @@ def test_a_few_steps_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@needs_fashion_mnist
+def test_training_is_reproducible_and_a_resumed_run_equals_a_straight_one(tmp_path):
+    """Same seed and threads: same weights bit for bit, straight through or stopped and resumed."""
+    common = ["--epochs", "2", "--limit", "128", "--batch-size", "32", "--threads", str(torch.get_num_threads())]
+    straight = train(parse_args(["--out", str(tmp_path / "straight"), *common]))
+    sliced = tmp_path / "sliced"
+    assert train(parse_args(["--out", str(sliced), "--stop-after", "1", *common])) == sliced / "last.pt"
+    assert not (sliced / "final.pt").exists()
+    resumed = train(parse_args(["--out", str(sliced), "--resume", *common]))
+
+    a = torch.load(straight, weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["card"]["training"]["history"] == b["card"]["training"]["history"]
+    assert b["card"]["training"]["resumed"] and not a["card"]["training"]["resumed"]
+    torch.manual_seed(0)  # the weights did move: the comparison is not between two untouched inits
+    assert not torch.equal(a["state_dict"]["conv1.weight"], MRLResNet50(num_classes=10).conv1.weight.detach())
+
+
+def test_the_recorded_command_leaves_out_the_time_slicing_flags():
+    argv = ["--out", "runs/x", "--stop-after", "3", "--epochs", "25", "--resume", "--stop-after=4"]
+    assert recorded_command(argv) == "python training/train_mrl.py --out runs/x --epochs 25"
