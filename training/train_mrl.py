@@ -205,7 +205,7 @@ def train(args: argparse.Namespace) -> Path:
     card = ModelCard(
         name="mrl_resnet50_fashion_mnist", classes=list(FASHION_MNIST_CLASSES), preprocessing=spec,
         nesting=model.nesting, head=args.head, blurpool=False, numerics="bf16",
-        training={"command": recorded_command(sys.argv[1:]),
+        training={"command": recorded_command(args.argv),
                   "resumed": resumed,
                   "recipe": recipe, "data": "fashion-mnist:train (55,000 images)",
                   "holdout": f"fashion-mnist:holdout (5,000 images, seed {HOLDOUT_SEED})",
@@ -231,7 +231,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after epoch N, leaving OUT/last.pt to --resume (training in time slices)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the card records as the command
+    return args
 
 
 if __name__ == "__main__":

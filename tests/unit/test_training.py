@@ -72,6 +72,8 @@ def test_training_is_reproducible_and_a_resumed_run_equals_a_straight_one(tmp_pa
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["card"]["training"]["history"] == b["card"]["training"]["history"]
     assert b["card"]["training"]["resumed"] and not a["card"]["training"]["resumed"]
+    assert a["card"]["training"]["command"] == "python training/train_mrl.py --out " + str(tmp_path / "straight") \
+        + " " + " ".join(common)
     torch.manual_seed(0)  # the weights did move: the comparison is not between two untouched inits
     assert not torch.equal(a["state_dict"]["conv1.weight"], MRLResNet50(num_classes=10).conv1.weight.detach())
 
