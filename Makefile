@@ -12,9 +12,10 @@ GRAPH ?= jit
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: help env serve archive stop test test-unit test-integration monitor bench parity clean
+.PHONY: help setup env serve archive stop test test-unit test-integration monitor bench parity clean
 
 help:
+	@echo "make setup     install the Debian packages of setup/debian-packages.txt (every target runs it)"
 	@echo "make serve     build the demo archive, start TorchServe, print a ready curl"
 	@echo "make stop      stop TorchServe"
 	@echo "make test      the whole test suite (what CI runs)"
@@ -23,13 +24,17 @@ help:
 	@echo "make bench     the benchmark (docs/benchmarks.md)"
 	@echo "make parity    bf16 against fp32 on the demo model (docs/parity.json)"
 
+# The set-up step: Debian packages (JRE, data, Prometheus, fonts). Quick when all are there.
+setup:
+	@setup/system.sh
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-env: $(VENV)/.installed
+env: setup $(VENV)/.installed
 
 archive: env
 	$(PY) model_store/build_archive.py --checkpoint $(CHECKPOINT) \

@@ -3,7 +3,12 @@
 * ``fashion-mnist:train``   55,000 of the 60,000 official training images (what the demo trains on);
 * ``fashion-mnist:holdout`` the other 5,000: threshold calibration only, never trained on;
 * ``fashion-mnist:test``    the official 10,000 test images: reporting only;
+* ``han1000:train|holdout|test|ood``  1000 printed Han characters rendered from Debian's CJK fonts
+  (``training.glyphs`` says how);
 * ``/path/to/folder``       one subfolder per class, named by class index (``0/``) or exact name.
+
+``dataset_info(spec)`` says what training needs to know of a spec's data set: its classes, its
+normalisation and the augmentation that suits it (no horizontal flip for characters).
 
 The holdout is a fixed random draw: ``numpy.random.default_rng(HOLDOUT_SEED).permutation(60000)``,
 first 5,000 indices. Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``.
@@ -13,6 +18,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -116,11 +122,55 @@ def fashion_mnist(split: str) -> ArrayImages:
     return ArrayImages(images, labels, f"fashion-mnist:{split}")
 
 
-def load_spec(spec: str, classes: Sequence[str] = FASHION_MNIST_CLASSES) -> ArrayImages | FolderImages:
-    """Resolve a data spec string (see module docstring)."""
-    if spec.startswith("fashion-mnist:"):
-        if tuple(classes) != FASHION_MNIST_CLASSES:
-            raise ValueError(f"{spec} has the 10 Fashion-MNIST classes but the model has "
+def han1000(split: str, limit: int | None = None) -> ArrayImages:
+    """One split of han1000 (see ``training.glyphs``), rendered or read from its cache."""
+    from training import glyphs
+
+    images, labels = glyphs.render_split(split, limit)
+    return ArrayImages(images, labels, f"han1000:{split}")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What training takes from a data set: classes, normalisation, augmentation, names."""
+
+    name: str                 # the model card's name is mrl_resnet50_<name>
+    classes: tuple[str, ...]
+    mean: float               # grayscale mean and std of the training images, in [0, 1]
+    std: float
+    flip: bool                # random horizontal flips make sense (clothes yes, characters no)
+    pad: int                  # random-crop zero padding in pixels (0: the renderer jitters already)
+
+
+def dataset_info(spec: str) -> DatasetInfo:
+    """The data set behind a ``fashion-mnist:*`` or ``han1000:*`` spec."""
+    family = spec.split(":", 1)[0]
+    if family == "fashion-mnist":
+        return DatasetInfo("fashion_mnist", FASHION_MNIST_CLASSES, 0.2860, 0.3530, flip=True, pad=2)
+    if family == "han1000":
+        from training import glyphs
+
+        # mean/std measured on 3,000 training renders (every 97th image): 0.678, 0.227
+        return DatasetInfo("han1000", tuple(glyphs.classes()), 0.678, 0.227, flip=False, pad=0)
+    raise ValueError(f"no training recipe for data spec {spec!r}; use fashion-mnist:train or han1000:train")
+
+
+def load_spec(spec: str, classes: Sequence[str] = FASHION_MNIST_CLASSES, limit: int | None = None
+              ) -> ArrayImages | FolderImages:
+    """Resolve a data spec string (see module docstring); ``limit`` keeps the first N images."""
+    family, _, split = spec.partition(":")
+    if family in ("fashion-mnist", "han1000") and split:
+        info = dataset_info(spec)
+        if tuple(classes) != info.classes:
+            raise ValueError(f"{spec} has the {len(info.classes)} {family} classes but the model has "
                              f"{len(classes)} classes ({list(classes)[:3]}...)")
-        return fashion_mnist(spec.split(":", 1)[1])
-    return FolderImages(spec, classes)
+        if family == "han1000":
+            return han1000(split, limit)
+        data = fashion_mnist(split)
+    else:
+        data = FolderImages(spec, classes)
+    if limit is not None and limit < len(data):
+        if isinstance(data, ArrayImages):
+            return ArrayImages(data.images[:limit], data.labels[:limit], data.source)
+        data.files, data.labels = data.files[:limit], data.labels[:limit]
+    return data

@@ -1,7 +1,8 @@
-"""Train an MRL ResNet50 on Fashion-MNIST, on the CPU (bf16 autocast, channels_last).
+"""Train an MRL ResNet50 on a data spec, on the CPU (channels_last; bf16 autocast or fp32).
 
-    python training/train_mrl.py --out runs/demo            # the demo recipe (see README)
+    python training/train_mrl.py --out runs/demo            # the Fashion-MNIST demo recipe (README)
     python training/train_mrl.py --out runs/demo --resume   # continue after an interruption
+    python training/train_mrl.py --data han1000:train --out runs/han ...   # model_store/han1000/
 
 A run with the same arguments, seed and thread count on the same machine gives the same weights
 bit for bit, whether it runs straight through or is stopped (``--stop-after N``, or killed) and
@@ -10,8 +11,10 @@ the data-order RNG.
 
 The loss is the MRL loss: sum over nesting sizes m of c_m * CE(logits_m, y), with optional label
 smoothing. Inputs go through the server's own preprocessing (``handler.preprocess``) once, up
-front; augmentation (random crop with zero padding, horizontal flip) then runs on the batch.
-Each epoch logs per-size top-1 on the 5k holdout; a resumable state is saved after every epoch.
+front; augmentation (random crop with zero padding, horizontal flip where the data set allows it)
+then runs on the batch. Classes, normalisation and augmentation come from the data set
+(``training.data.dataset_info``). Each epoch logs per-size top-1 on the spec's holdout split;
+a resumable state is saved after every epoch.
 At the end the model is written in this project's checkpoint format with its model card.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tqdm import tqdm
 from handler.checkpoint import ModelCard, save_checkpoint
 from handler.model import DEFAULT_NESTING, MRLResNet50
 from handler.preprocess import Normalizer, Preprocessing, crop_image
-from training.data import FASHION_MNIST_CLASSES, HOLDOUT_SEED, ArrayImages, fashion_mnist
+from training.data import ArrayImages, DatasetInfo, dataset_info, load_spec
 
 # Defaults: the demo recipe, 145 minutes on 2 cores here (README has the epochs/accuracy trade).
 # 32x32 trains at about 200 img/s here; 64x64 at 70 and 40x40 at 116 (bf16, batch 128).
@@ -42,11 +45,9 @@ DEFAULTS = dict(
     lr=0.2,               # one-cycle peak, SGD + Nesterov momentum 0.9
     weight_decay=5e-4,    # on conv/linear weights only, not on BN or biases
     label_smoothing=0.1,
-    pad=2,                # random-crop zero padding, in input pixels
     seed=0,
     precision="bf16",     # autocast dtype for the forward pass; "fp32" turns autocast off
 )
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 
 class MRLLoss(torch.nn.Module):
@@ -69,9 +70,15 @@ class MRLLoss(torch.nn.Module):
         return (per_size * w.to(per_size.device)).sum()
 
 
-def demo_preprocessing(input_size: int) -> Preprocessing:
+def dataset_preprocessing(info: DatasetInfo, input_size: int) -> Preprocessing:
+    """Grayscale replicated to 3 channels, resized to ``input_size``, the data set's mean/std."""
     return Preprocessing(color_mode="L", resize=input_size, crop=input_size,
-                         mean=(FASHION_MNIST_MEAN,) * 3, std=(FASHION_MNIST_STD,) * 3)
+                         mean=(info.mean,) * 3, std=(info.std,) * 3)
+
+
+def demo_preprocessing(input_size: int) -> Preprocessing:
+    """The Fashion-MNIST demo's preprocessing."""
+    return dataset_preprocessing(dataset_info("fashion-mnist:train"), input_size)
 
 
 def prepare(data: ArrayImages, spec: Preprocessing) -> torch.Tensor:
@@ -79,29 +86,34 @@ def prepare(data: ArrayImages, spec: Preprocessing) -> torch.Tensor:
     return torch.from_numpy(np.stack([crop_image(data[i][0], spec) for i in range(len(data))]))
 
 
-def augment(batch: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, on uint8 (B, H, W).
+def augment(batch: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding and (if ``flip``) random horizontal flip, on uint8 (B, H, W).
 
     One gather for the whole batch: row and column indices per image, flipped columns reversed.
+    With ``pad=0`` and ``flip=False`` the batch is returned as it is, drawing nothing.
     """
+    if pad == 0 and not flip:
+        return batch
     b, h, w = batch.shape
     padded = F.pad(batch, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    flip = torch.rand(b, generator=gen) < 0.5
     cols = torch.arange(w).expand(b, w)
-    cols = torch.where(flip[:, None], cols.flip(-1), cols) + dx[:, None]
+    if flip:
+        flipped = torch.rand(b, generator=gen) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(-1), cols)
+    cols = cols + dx[:, None]
     rows = torch.arange(h)[None, :] + dy[:, None]
     return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 @torch.no_grad()
 def per_size_top1(model: MRLResNet50, images: torch.Tensor, labels: torch.Tensor,
-                  norm: Normalizer, batch_size: int = 500) -> list[float]:
+                  norm: Normalizer, batch_size: int = 500, bf16: bool = True) -> list[float]:
     model.eval()
     correct = torch.zeros(len(model.nesting))
     for i in range(0, len(images), batch_size):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(norm(images[i: i + batch_size].numpy()))
         correct += (logits.argmax(-1) == labels[i: i + batch_size, None]).sum(0)
     return (correct / len(images)).tolist()
@@ -134,20 +146,23 @@ def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = demo_preprocessing(args.input_size)
+    info = dataset_info(args.data)
+    pad = info.pad if args.pad is None else args.pad
+    spec = dataset_preprocessing(info, args.input_size)
     norm = Normalizer(spec)
 
     t0 = time.time()
-    train_set, holdout = fashion_mnist("train"), fashion_mnist("holdout")
-    if args.limit:
-        train_set = ArrayImages(train_set.images[: args.limit], train_set.labels[: args.limit], train_set.source)
-        holdout = ArrayImages(holdout.images[: args.limit // 5], holdout.labels[: args.limit // 5], holdout.source)
+    holdout_spec = args.holdout or args.data.rsplit(":", 1)[0] + ":holdout"
+    train_set = load_spec(args.data, info.classes, limit=args.limit or None)
+    holdout = load_spec(holdout_spec, info.classes, limit=args.limit // 5 or None)
+    if not isinstance(train_set, ArrayImages) or not isinstance(holdout, ArrayImages):
+        raise ValueError(f"training needs an in-memory data set, got {args.data} / {holdout_spec}")
     x_train, y_train = prepare(train_set, spec), torch.from_numpy(train_set.labels)
     x_hold, y_hold = prepare(holdout, spec), torch.from_numpy(holdout.labels)
     print(f"data: {len(x_train)} train, {len(x_hold)} holdout at {args.input_size}x{args.input_size} "
           f"({time.time() - t0:.1f}s)", flush=True)
 
-    model = MRLResNet50(num_classes=len(FASHION_MNIST_CLASSES), nesting=DEFAULT_NESTING, head=args.head)
+    model = MRLResNet50(num_classes=len(info.classes), nesting=DEFAULT_NESTING, head=args.head)
     model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = len(x_train) // args.batch_size  # drop the ragged last batch
@@ -177,7 +192,7 @@ def train(args: argparse.Namespace) -> Path:
         running = 0.0
         for step in bar:
             idx = perm[step * args.batch_size: (step + 1) * args.batch_size]
-            x = norm(augment(x_train[idx], args.pad, gen).numpy())
+            x = norm(augment(x_train[idx], pad, gen, flip=info.flip).numpy())
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 logits = model(x)
             loss = loss_fn(logits, y_train[idx])
@@ -187,7 +202,7 @@ def train(args: argparse.Namespace) -> Path:
             sched.step()
             running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched.get_last_lr()[0]:.3f}", refresh=False)
-        top1 = per_size_top1(model, x_hold, y_hold, norm)
+        top1 = per_size_top1(model, x_hold, y_hold, norm, bf16=args.precision == "bf16")
         elapsed += time.time() - t_epoch
         history.append({"epoch": epoch + 1, "loss": round(running, 4),
                         "holdout_top1": {str(m): round(a, 4) for m, a in zip(model.nesting, top1)}})
@@ -201,14 +216,15 @@ def train(args: argparse.Namespace) -> Path:
             print(f"stopped after epoch {epoch + 1} as asked; continue with --resume", flush=True)
             return state_path
 
-    recipe = {k: getattr(args, k) for k in (*DEFAULTS, "head", "loss_weights", "limit")}
+    recipe = {**{k: getattr(args, k) for k in (*DEFAULTS, "head", "loss_weights", "limit")},
+              "pad": pad, "flip": info.flip}
     card = ModelCard(
-        name="mrl_resnet50_fashion_mnist", classes=list(FASHION_MNIST_CLASSES), preprocessing=spec,
-        nesting=model.nesting, head=args.head, blurpool=False, numerics="bf16",
+        name=f"mrl_resnet50_{info.name}", classes=list(info.classes), preprocessing=spec,
+        nesting=model.nesting, head=args.head, blurpool=False, numerics=args.precision,
         training={"command": recorded_command(args.argv),
                   "resumed": resumed,
-                  "recipe": recipe, "data": "fashion-mnist:train (55,000 images)",
-                  "holdout": f"fashion-mnist:holdout (5,000 images, seed {HOLDOUT_SEED})",
+                  "recipe": recipe, "data": f"{args.data} ({len(x_train):,} images)",
+                  "holdout": f"{holdout_spec} ({len(x_hold):,} images)",
                   "wall_time_s": round(elapsed), "machine": platform.processor() or platform.machine(),
                   "threads": args.threads, "torch": str(torch.__version__), "history": history})
     final = out / "final.pt"
@@ -220,6 +236,9 @@ def train(args: argparse.Namespace) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="run folder: last.pt (resumable) and final.pt")
+    p.add_argument("--data", default="fashion-mnist:train", help="training data spec")
+    p.add_argument("--holdout", default=None, help="holdout spec (default: the data spec's :holdout)")
+    p.add_argument("--pad", type=int, default=None, help="random-crop padding (default: the data set's)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v,
                        choices=("bf16", "fp32") if k == "precision" else None)
