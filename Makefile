@@ -12,12 +12,13 @@ GRAPH ?= jit
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: help setup env serve archive stop test test-unit test-integration monitor bench parity clean
+.PHONY: help setup env serve archive stop token test test-unit test-integration monitor bench parity clean
 
 help:
 	@echo "make setup     install the Debian packages of setup/debian-packages.txt (every target runs it)"
 	@echo "make serve     build the demo archive, start TorchServe, print a ready curl"
 	@echo "make stop      stop TorchServe"
+	@echo "make token     print a fresh inference key for the running server (keys expire after 60 min)"
 	@echo "make test      the whole test suite (what CI runs)"
 	@echo "make archive CHECKPOINT=path [THRESHOLDS=path]   build model_store/mrl_resnet50.mar"
 	@echo "make monitor   start Prometheus scraping the running server"
@@ -46,8 +47,12 @@ serve: archive
 stop:
 	$(PY) -m model_store.serve stop
 
+# A fresh inference key for the running server (the old one stops working; keys expire after 60 min).
+token:
+	@$(PY) -m model_store.serve token
+
 test: env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -ra tests
 
 test-unit: env
 	$(PY) -m pytest -q tests/unit

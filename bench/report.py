@@ -31,6 +31,8 @@ def tables(report: dict) -> str:
             f"({gf / report['peak_gflops'][numerics]:.0%}) | {sat['img_s']:.1f} (c={sat['concurrency']}) | "
             f"{sat['img_s'] / raw[bs]['pipeline_img_s']:.2f} | {srv['one_client']['p50_ms']:.1f} | "
             f"{raw['1']['pipeline_ms_per_batch']:.1f} | {srv['first_answer_s']:.1f} |")
+    if report.get("skipped"):
+        lines += ["", "Not run on this machine: " + "; ".join(report["skipped"]) + "."]
     lines += ["", "Server, every concurrency (img/s, p50 / p99 ms):", "",
               "| model / mode | " + " | ".join(k for k in _conc_keys(report)) + " |",
               "|---|" + "---|" * len(_conc_keys(report))]

@@ -8,8 +8,11 @@ Modes:
   baseline  the usual recipe: eager fp32 NCHW, full JPEG decode, glibc malloc defaults;
   fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, malloc settings;
   bf16      the same with bf16 autocast (what the demo card serves).
-Models: "imagenet" (official layout, random weights, 1000 classes, 224x224 JPEG requests) and
-"demo" (the bundled Fashion-MNIST checkpoint, 28x28 PNG requests). All traffic goes to 127.0.0.1.
+Models: "imagenet" (official layout, random weights, 1000 classes, 224x224 JPEG requests), and the
+bundled checkpoints with PNG requests from their test specs: "demo" (Fashion-MNIST, 28x28,
+fashion-mnist:test) and "han1000" (1000 Han characters, 32x32, han1000:test). A mode whose
+numerics this CPU lacks (bf16 without AVX512-BF16 or AMX) is skipped and the report says so.
+All traffic goes to 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -29,16 +32,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.client import Client, run_load
+from client.http import Client, run_load
 from handler.checkpoint import ModelCard, imagenet_classes, load_mrl_resnet50, official_card, save_checkpoint
 from handler.model import mrl_resnet50
-from handler.engine import configure_threads
+from handler.engine import configure_threads, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
 from model_store.serve import read_keys, start, stop, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "model_store" / "fashion_mnist"
+# Bundled models: folder (checkpoint, thresholds) and the data spec their requests come from.
+BUNDLED = {name: (folder, spec) for name, folder, spec in (
+    ("demo", DEMO, "fashion-mnist:test"), ("han1000", ROOT / "model_store" / "han1000", "han1000:test"))
+    if (folder / "mrl_resnet50_fp16.pt").exists()}  # han1000 once its checkpoint is committed
 GFLOP_224 = 8.18  # ResNet50 forward, one 224x224 image
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 MODES = {
@@ -97,9 +104,10 @@ def imagenet_inputs(count: int = 32) -> list[bytes]:
     return out
 
 
-def demo_inputs(count: int = 64) -> list[bytes]:
-    from training.data import fashion_mnist
-    data = fashion_mnist("test")
+def demo_inputs(count: int = 64, spec: str = "fashion-mnist:test") -> list[bytes]:
+    """The first ``count`` images of a data spec, as PNG request bodies."""
+    from training.data import dataset_info, load_spec
+    data = load_spec(spec, dataset_info(spec).classes, limit=count)
     out = []
     for i in range(count):
         buf = io.BytesIO()
@@ -113,16 +121,19 @@ def make_checkpoints(tmp: Path) -> dict[str, dict[str, Path]]:
     torch.manual_seed(0)
     official = mrl_resnet50(num_classes=1000, head="mrl", blurpool=True)
     card = official_card(official.state_dict(), imagenet_classes())
-    demo_model, demo_card = load_mrl_resnet50(DEMO / "mrl_resnet50_fp16.pt")
-    paths: dict[str, dict[str, Path]] = {"imagenet": {}, "demo": {}}
+    models = [("imagenet", official, card, None)]
+    for name, (folder, _) in BUNDLED.items():
+        m, c = load_mrl_resnet50(folder / "mrl_resnet50_fp16.pt")
+        models.append((name, m, c, folder))
+    paths: dict[str, dict[str, Path]] = {name: {} for name, *_ in models}
     for numerics in ("fp32", "bf16"):
-        for name, model, c in (("imagenet", official, card), ("demo", demo_model, demo_card)):
-            if name == "demo" and numerics == demo_card.numerics:
-                paths[name][numerics] = DEMO / "mrl_resnet50_fp16.pt"  # the shipped file: thresholds match it
+        for name, model, c, folder in models:
+            if folder is not None and numerics == c.numerics:
+                paths[name][numerics] = folder / "mrl_resnet50_fp16.pt"  # the shipped file: thresholds match it
                 continue
             c2 = ModelCard.from_dict({**c.to_dict(), "numerics": numerics})
             path = tmp / f"{name}-{numerics}.pt"
-            save_checkpoint(path, model, c2, dtype=torch.float16 if name == "demo" else torch.float32)
+            save_checkpoint(path, model, c2, dtype=torch.float32 if folder is None else torch.float16)
             paths[name][numerics] = path
     return paths
 
@@ -205,7 +216,7 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--models", default="imagenet,demo")
+    p.add_argument("--models", default=",".join(["imagenet", *BUNDLED]))
     p.add_argument("--modes", default="baseline,fp32,bf16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=5)
@@ -222,20 +233,23 @@ def main(argv: list[str] | None = None) -> dict:
               "peak_sizes": list(PEAK_SIZES),
               "settings": {"batch_size": args.batch_size, "batch_delay_ms": args.batch_delay}, "results": {}}
     print(json.dumps(report["machine"]), json.dumps(report["peak_gflops"]), flush=True)
-    thresholds = DEMO / "thresholds.json"
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         ckpts = make_checkpoints(tmp)
-        inputs = {"imagenet": imagenet_inputs(), "demo": demo_inputs()}
+        inputs = {"imagenet": imagenet_inputs(), **{m: demo_inputs(spec=spec) for m, (_, spec) in BUNDLED.items()}}
         for model in args.models.split(","):
             for mode_name in args.modes.split(","):
                 mode = MODES[mode_name]
+                if resolve_numerics(mode["numerics"]) != mode["numerics"]:
+                    report.setdefault("skipped", []).append(f"{model}/{mode_name}: this CPU has no bf16 support")
+                    print(model, mode_name, "skipped: no bf16 on this CPU", flush=True)
+                    continue
                 ckpt = ckpts[model][mode["numerics"]]
                 res = {"raw": raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat)}
                 print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
                 thr = None
-                if model == "demo" and ckpt == DEMO / "mrl_resnet50_fp16.pt" and mode_name != "baseline":
-                    thr = thresholds  # fit on this very file, with its numerics
+                if model in BUNDLED and ckpt == BUNDLED[model][0] / "mrl_resnet50_fp16.pt" and mode_name != "baseline":
+                    thr = BUNDLED[model][0] / "thresholds.json"  # fit on this very file, with its numerics
                 res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,
                                             cascade_check=thr is not None)
                 print(model, mode_name, "server", json.dumps(res["server"]), flush=True)

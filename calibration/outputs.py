@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from handler.checkpoint import file_sha256, load_mrl_resnet50, read_checkpoint
-from handler.engine import Engine, configure_threads
+from handler.engine import Engine, configure_threads, resolve_numerics
 from handler.preprocess import Normalizer, crop_image
 from training.data import load_spec
 
@@ -51,7 +51,9 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
     ``numerics`` overrides the card's (the parity check runs one checkpoint both ways)."""
     sha = file_sha256(checkpoint)
     card, _ = read_checkpoint(checkpoint, numerics=numerics)  # the cache key needs only the card
-    meta = {"checkpoint_sha256": sha, "data": spec, "numerics": card.numerics, "graph": graph,
+    used = resolve_numerics(card.numerics)  # what a worker on this CPU serves (fp32 if no bf16)
+    meta = {"checkpoint_sha256": sha, "data": spec, "numerics": used, "card_numerics": card.numerics,
+            "graph": graph,
             "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting)}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir / f"outputs-{key}.npz" if cache_dir else None
@@ -63,7 +65,7 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
     model, card = load_mrl_resnet50(checkpoint, numerics=numerics)
     data = load_spec(spec, card.classes)
     batch_size = min(batch_size, len(data))
-    engine = Engine(model, numerics=card.numerics, graph=graph, input_size=card.preprocessing.crop,
+    engine = Engine(model, numerics=used, graph=graph, input_size=card.preprocessing.crop,
                     batch_sizes=(batch_size,))
     normalize = Normalizer(card.preprocessing)
     conf, pred = [], []

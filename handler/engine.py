@@ -44,6 +44,15 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def resolve_numerics(numerics: str, device: torch.device | str = "cpu") -> str:
+    """The numerics a worker serves: the card's, or fp32 where the card asks for bf16 and the
+    device has no bf16 support (e.g. an AVX2-only CPU: no AVX512-BF16, no AMX), where bf16 would
+    run emulated at about a tenth of the fp32 speed. The caller logs the fallback."""
+    if numerics == "bf16" and not bf16_supported(torch.device(device)):
+        return "fp32"
+    return numerics
+
+
 class Engine:
     """Runs an MRL model with the card's numerics, in channels_last, in one of ``GRAPH_MODES``."""
 

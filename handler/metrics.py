@@ -26,6 +26,9 @@ class MetricSpec:
 METRICS = (
     MetricSpec("mrl_cascade_exits_total", "counter", ("model_name", "embedding_dim", "operating_point"),
                "Requests answered, by the embedding size that answered and the operating point.", "count"),
+    MetricSpec("mrl_cascade_disagreements_total", "counter", ("model_name", "operating_point"),
+               "Answered requests whose label differs from the 2048-d head's label (no labels needed).",
+               "count"),
     MetricSpec("mrl_embedding_dims_total", "counter", ("model_name",),
                "Sum of the embedding sizes that answered requests; divide by exits for mean dims.", "count"),
     MetricSpec("mrl_cascade_escalations_total", "counter", ("model_name", "from_dim"),

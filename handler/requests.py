@@ -6,9 +6,12 @@ raw body, the field name for multipart fields). The image comes as
 * one multipart file field (``curl -F data=@img.jpg``), or
 * JSON ``{"data": "<base64>", ...options}`` (TorchServe may hand it over already parsed).
 
-Options come as JSON fields, multipart fields, or ``X-MRL-<Option>`` headers (``X-MRL-Top-K: 3``).
-TorchServe 0.12 does not pass the URL's query string to handlers (pytorch/serve#989), so headers
-stand in for it; an option given twice is refused rather than silently picked.
+Options come as JSON fields, multipart fields, ``X-MRL-<Option>`` headers (``X-MRL-Top-K: 3``), or
+the query string where TorchServe 0.12 passes it on: ``/models/{m}/invoke?top_k=2`` and
+``/invocations?model_name={m}&top_k=2`` hand every query parameter over as an item key, while
+``/predictions/{m}?...`` drops the query string before the handler (pytorch/serve#989). On
+/invocations ``model_name`` is TorchServe's routing key, not an option: it is dropped when it
+names the model being served. An option given twice is refused rather than silently picked.
 """
 from __future__ import annotations
 
@@ -40,8 +43,15 @@ HEADER_PREFIX = "x-mrl-"
 
 def parse_item(item: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
                default_point: str, num_classes: int,
-               headers: Mapping[str, Any] | None = None) -> tuple[bytes, Options]:
-    """Split a request item (and its HTTP headers) into the encoded image and validated options."""
+               headers: Mapping[str, Any] | None = None,
+               model_name: str | None = None) -> tuple[bytes, Options]:
+    """Split a request item (and its HTTP headers) into the encoded image and validated options.
+
+    ``model_name``: the served model's name; an item key ``model_name`` equal to it is the
+    /invocations routing key and is not an option.
+    """
+    if model_name is not None and _text_or_none(item.get("model_name")) == model_name:
+        item = {k: v for k, v in item.items() if k != "model_name"}
     fields: dict[str, Any] = {}
     content_type = ""
     for name, value in (headers or {}).items():
@@ -164,6 +174,12 @@ def _text(value: Any) -> str:
     if isinstance(value, (int, float, str)):
         return str(value).strip()
     raise InputError(f"option value {value!r} must be a string, number or boolean", reason="bad_option")
+
+
+def _text_or_none(value: Any) -> str | None:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None
 
 
 def _int(text: str, name: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -56,7 +57,9 @@ class MRLHandler:
         results = self.service.handle(data, headers)
         bodies = []
         for i, (status, body) in enumerate(results):
-            context.set_response_status(code=status, phrase="OK" if status == 200 else body["type"], idx=i)
+            # v1 errors carry a type; Open Inference Protocol errors are {"error": ...} only.
+            phrase = "OK" if status == 200 else body.get("type") or HTTPStatus(status).phrase
+            context.set_response_status(code=status, phrase=phrase, idx=i)
             context.set_response_content_type(i, "application/json")
             bodies.append(json.dumps(body))
         return bodies

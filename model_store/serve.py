@@ -2,6 +2,7 @@
 
     python -m model_store.serve start   # start, wait for READY, print a ready-to-paste curl
     python -m model_store.serve stop
+    python -m model_store.serve token   # a fresh inference key (make token): keys expire after 60 min
 
 Run from the repository root: TorchServe writes logs/ and key_file.json (the tokens) there.
 """
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))  # the one installed beside this Python
 MANAGEMENT = "http://127.0.0.1:8081"
 INFERENCE = "http://127.0.0.1:8080"
+# The bundled models (config.properties loads them) and the example each printed curl sends.
+EXAMPLES = {"mrl_resnet50": "ankle_boot.png"}
 
 
 def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "") -> Path:
@@ -39,6 +42,26 @@ def read_keys(root: Path = ROOT) -> dict[str, str]:
     """The tokens TorchServe wrote into key_file.json: {'inference': ..., 'management': ...}."""
     doc = json.loads((root / "key_file.json").read_text())
     return {k: doc[k]["key"] for k in ("inference", "management")}
+
+
+def renew_key(kind: str = "inference", root: Path = ROOT, management: str = MANAGEMENT) -> str:
+    """Ask TorchServe's token API for a new ``kind`` key (the old one stops working) and return it.
+
+    TorchServe's keys expire (``token_expiration_min``, 60 minutes by default); after that every
+    call with the old key answers 400 InvalidKeyException. The API key in key_file.json does not
+    expire, and ``/token?type=...`` on the management port trades it for a new key, which
+    TorchServe also writes back into key_file.json.
+    """
+    if kind not in ("inference", "management"):
+        raise ValueError(f"kind must be 'inference' or 'management', got {kind!r}")
+    path = root / "key_file.json"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: is TorchServe running from {root}? (make serve)")
+    api_key = json.loads(path.read_text())["API"]["key"]
+    req = urllib.request.Request(f"{management}/token?type={kind}", headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        resp.read()
+    return read_keys(root)[kind]
 
 
 def describe(model: str, token: str, management: str = MANAGEMENT) -> dict:
@@ -90,20 +113,32 @@ def stop(root: Path = ROOT) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=("start", "stop"))
-    p.add_argument("--model", default="mrl_resnet50")
+    p.add_argument("action", choices=("start", "stop", "token"))
+    p.add_argument("--model", action="append", default=None,
+                   help="wait for this model to be READY (repeatable; default: the bundled models)")
     p.add_argument("--timeout", type=float, default=300)
     args = p.parse_args(argv)
     if args.action == "stop":
         stop()
         return
-    took = start(args.model, args.timeout)
+    if args.action == "token":
+        print(renew_key("inference"))
+        return
+    models = args.model or list(EXAMPLES)
+    t0 = time.monotonic()
+    start(models[0], args.timeout)
+    for other in models[1:]:
+        wait_ready(other, args.timeout)
+    took = time.monotonic() - t0
     token = read_keys()["inference"]
-    example = os.path.relpath(ROOT / "examples" / "ankle_boot.png")
-    print(f"TorchServe is up: {args.model} READY after {took:.1f} s. Classify an image with:\n\n"
-          f"  curl -H 'Authorization: Bearer {token}' -T {example} {INFERENCE}/predictions/{args.model}\n\n"
-          f"Options go in X-MRL-* headers or JSON fields, e.g. -H 'X-MRL-Top-K: 3' -H 'X-MRL-Dim: 64'.\n"
-          f"Metrics: curl {MANAGEMENT.replace('8081', '8082')}/metrics   Stop: make stop", file=sys.stdout)
+    lines = [f"TorchServe is up: {', '.join(models)} READY after {took:.1f} s. Classify an image with:", ""]
+    for model in models:
+        example = os.path.relpath(ROOT / "examples" / EXAMPLES.get(model, "ankle_boot.png"))
+        lines.append(f"  curl -H 'Authorization: Bearer {token}' -T {example} {INFERENCE}/predictions/{model}")
+    lines += ["", "Options go in X-MRL-* headers or JSON fields, e.g. -H 'X-MRL-Top-K: 3' -H 'X-MRL-Dim: 64'.",
+              "The key expires after 60 minutes: `make token` prints a fresh one.",
+              f"Metrics: curl {MANAGEMENT.replace('8081', '8082')}/metrics   Stop: make stop"]
+    print("\n".join(lines), file=sys.stdout)
 
 
 if __name__ == "__main__":

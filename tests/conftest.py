@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 from handler.checkpoint import ModelCard, save_checkpoint  # noqa: E402
 from handler.model import MRLResNet50  # noqa: E402
+from tests import deps  # noqa: E402
+from training.data import FASHION_MNIST_DIR  # noqa: E402
 from training.train_mrl import demo_preprocessing  # noqa: E402
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -42,6 +44,21 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, model, card)
     return path
+
+
+@pytest.fixture(scope="session")
+def promtool_installed() -> str:
+    return deps.need_binary("promtool", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def prometheus_installed() -> str:
+    return deps.need_binary("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_installed() -> Path:
+    return deps.need_file(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", "dataset-fashion-mnist")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import pytest
 
 from handler.checkpoint import file_sha256
 from handler.thresholds import SCHEMA
+from tests import deps
 from tests.integration.server import running_server
 from training.data import FASHION_MNIST_DIR, fashion_mnist
 
@@ -19,8 +20,7 @@ def png(img) -> bytes:
 
 @pytest.fixture(scope="session")
 def test_images() -> list[bytes]:
-    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    deps.need_file(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", "dataset-fashion-mnist")
     data = fashion_mnist("test")
     return [png(data[i][0]) for i in range(200)]
 

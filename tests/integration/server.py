@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.client import Client
+from client.http import Client
 from model_store.serve import describe, read_keys, start, stop, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,34 @@ def build_archive(checkpoint: Path, model_store: Path, *, thresholds: Path | Non
     if proc.returncode:
         raise RuntimeError(f"archive build failed:\n{proc.stderr[-3000:]}")
     return model_store / f"{name}.mar"
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp: Path, port: int, rules: Path | None = None):
+    """A real Prometheus scraping the test TorchServe every second, with the project's rules (or
+    ``rules``, e.g. a copy with scaled windows)."""
+    from monitoring import prometheus
+
+    text = prometheus.CONFIG.read_text()
+    text = text.replace("127.0.0.1:8082", f"127.0.0.1:{PORTS['metrics']}").replace("5s", "1s")
+    text = text.replace("- alerts.yml", f"- {rules or prometheus.MONITORING / 'alerts.yml'}")
+    (tmp / "prometheus.yml").write_text(text)
+    prometheus.start(tmp / "prometheus.yml", tmp / "data", port=port)
+    try:
+        yield
+    finally:
+        prometheus.stop(tmp / "data")
+
+
+def prom_query(port: int, expr: str) -> dict:
+    """Prometheus's HTTP API answer to an instant query."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
 
 
 @contextlib.contextmanager

@@ -4,18 +4,14 @@ Exact counts are read from TorchServe's endpoint (deltas over the mix); then eve
 and rule is evaluated through Prometheus's HTTP API, and a drift scenario drives the drift alert's
 expression true (its windows scaled from minutes/hours to seconds).
 """
-import json
 import re
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 
-from bench.client import run_load
-from monitoring import prometheus
+from client.http import run_load
 from monitoring.queries import dashboard_queries, rule_expressions
-from tests.integration.server import PORTS
+from tests.integration.server import prom_query, running_prometheus
 
 pytestmark = pytest.mark.integration
 PROM_PORT = 19090
@@ -47,21 +43,13 @@ def delta(after: str, before: str, name: str, by: str | None = None) -> dict:
 
 
 def query(expr: str) -> dict:
-    url = f"http://127.0.0.1:{PROM_PORT}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.load(resp)
+    return prom_query(PROM_PORT, expr)
 
 
 @pytest.fixture(scope="module")
-def prom(tmp_path_factory, tiny_server):
-    tmp = tmp_path_factory.mktemp("prom")
-    text = (prometheus.CONFIG).read_text()
-    text = text.replace("127.0.0.1:8082", f"127.0.0.1:{PORTS['metrics']}").replace("5s", "1s")
-    text = text.replace("- alerts.yml", f"- {prometheus.MONITORING / 'alerts.yml'}")
-    (tmp / "prometheus.yml").write_text(text)
-    prometheus.start(tmp / "prometheus.yml", tmp / "data", port=PROM_PORT)
-    yield
-    prometheus.stop(tmp / "data")
+def prom(tmp_path_factory, tiny_server, prometheus_installed):
+    with running_prometheus(tmp_path_factory.mktemp("prom"), PROM_PORT):
+        yield
 
 
 def wait_for(expr: str, timeout: float = 30.0) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import urllib.parse
@@ -30,7 +29,7 @@ DATASOURCE = "${datasource}"
 METRIC_NAME = re.compile(r"\b(mrl_[a-z_]+|ts_[a-z_]+|Requests[2-5]XX)\b")
 RECORDED_NAME = re.compile(r"\bmrl:[a-z0-9_:]+")
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+needs_promtool = pytest.mark.usefixtures("promtool_installed")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -62,7 +61,7 @@ def test_promtool_accepts_the_config():
 def test_promtool_accepts_the_rules():
     result = promtool("check", "rules", "monitoring/alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 @needs_promtool
@@ -169,7 +168,7 @@ def query(port: int, path: str, **params) -> dict:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+@pytest.mark.usefixtures("prometheus_installed")
 def test_prometheus_loads_the_rules_and_evaluates_every_query(tmp_path):
     port = free_port()
     proc = prometheus.start(MONITORING / "prometheus.yml", tmp_path, port=port)

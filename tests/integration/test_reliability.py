@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.client import run_load
+from client.http import run_load
 from tests.corpus import cases
 from model_store.serve import start, stop
 from tests.integration.server import PORTS, ROOT, running_server
@@ -28,8 +28,7 @@ FIGURES: dict = {}
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     ckpt = DEMO / "mrl_resnet50_fp16.pt"
-    if not ckpt.exists():
-        pytest.skip("the demo checkpoint is not there")
+    assert ckpt.exists(), f"the bundled checkpoint {ckpt} is missing from the checkout"
     thresholds = DEMO / "thresholds.json"
     with running_server(tmp_path_factory.mktemp("demo"), ckpt, thresholds=thresholds if thresholds.exists() else None,
                         batch_size=8, batch_delay=5, graph=os.environ.get("MRL_TEST_GRAPH", "jit")) as server:

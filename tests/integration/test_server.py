@@ -1,11 +1,12 @@
 """The product's front door, through a real TorchServe: curl-style calls, batching, bad items, tokens."""
 import concurrent.futures as cf
+import json
 import re
 
 import pytest
 import torch
 
-from bench.client import run_load
+from client.http import run_load
 from handler.checkpoint import load_mrl_resnet50
 from handler.service import MRLService
 from handler.thresholds import load_thresholds
@@ -70,6 +71,153 @@ def _counter(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
 
 
+@pytest.mark.parametrize("route", ["/models/{m}/invoke?top_k=2&dim=64", "/invocations?model_name={m}&top_k=2&dim=64"])
+def test_query_string_options_where_torchserve_passes_them(tiny_server, test_images, route):
+    """/invoke and /invocations hand query parameters to the handler; they act as headers do."""
+    client = tiny_server.client()
+    want = client.predict(test_images[3], {"X-MRL-Top-K": "2", "X-MRL-Dim": "64"})
+    got = client.predict(test_images[3], path=route.format(m=tiny_server.model))
+    assert want.status == got.status == 200, got.body
+    assert got.body == want.body and got.body["embedding_dim"] == 64 and len(got.body["top_k"]) == 2
+    bad_header = client.predict(test_images[3], {"X-MRL-Top-K": "many"})
+    bad_query = client.predict(test_images[3], path=route.format(m=tiny_server.model).replace("top_k=2", "top_k=many"))
+    assert bad_query.status == bad_header.status == 400
+    assert bad_query.body == bad_header.body and "top_k='many' is not an integer" in bad_query.body["message"]
+
+
+def test_predictions_drops_the_query_string_so_the_header_is_the_way(tiny_server, test_images):
+    """Documented, not wished away: TorchServe drops ?top_k=... on /predictions before the handler."""
+    r = tiny_server.client().predict(test_images[3], path=f"/predictions/{tiny_server.model}?top_k=2")
+    assert r.status == 200 and len(r.body["top_k"]) == 5
+
+
+def test_a_rotated_inference_key_is_renewed_by_the_documented_command(tiny_server, test_images):
+    """make token (serve.renew_key) trades the non-expiring API key for a new inference key."""
+    from model_store.serve import renew_key
+
+    old = tiny_server.keys["inference"]
+    assert tiny_server.client().predict(test_images[0]).status == 200
+    new = renew_key("inference", root=tiny_server.root, management=tiny_server.management)
+    assert new != old and tiny_server.keys["inference"] == new  # key_file.json holds the new one
+    stale = tiny_server.client(token=old).predict(test_images[0])
+    assert stale.status == 400 and "InvalidKeyException" in json.dumps(stale.body)
+    assert tiny_server.client(token=new).predict(test_images[0]).status == 200
+
+
+def test_the_folder_client_agrees_with_the_servers_counters(tiny_server, tmp_path):
+    """1,000 exported test images through `python -m client.classify`: its share per size equals
+    the delta of the server's mrl_cascade_exits_total counters for those requests."""
+    import time
+
+    from client.classify import main as classify_main
+    from tests.integration.test_metrics import delta
+    from training.data import fashion_mnist
+
+    data = fashion_mnist("test")
+    for i in range(1000):
+        img, label = data[i]
+        (tmp_path / str(label)).mkdir(exist_ok=True)
+        img.save(tmp_path / str(label) / f"{i:05d}.png")
+    before = tiny_server.scrape()
+    rows = tmp_path.parent / f"{tmp_path.name}-answers.jsonl"
+    summary = classify_main([str(tmp_path), "--url", tiny_server.inference, "--model", tiny_server.model,
+                             "--token", tiny_server.keys["inference"], "--concurrency", "4", "--json",
+                             "--out", str(rows)])
+    time.sleep(1.5)  # the frontend applies metric lines shortly after the response
+    exits = delta(tiny_server.scrape(), before, "mrl_cascade_exits_total", by="embedding_dim")
+    assert summary["requests"] == summary["answered"] == summary["labelled"] == 1000
+    assert {k: int(v) for k, v in exits.items()} == summary["exits"]
+    assert len(summary["exits"]) > 1 and 0.0 <= summary["top1"] <= 1.0
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert len(lines) == 1000 and all(r["status"] == 200 for r in lines)
+    per_dim: dict = {}
+    for r in lines:
+        per_dim[str(r["embedding_dim"])] = per_dim.get(str(r["embedding_dim"]), 0) + 1
+    assert per_dim == summary["exits"]
+
+
+def _triton(server):
+    import tritonclient.http as httpclient
+
+    return httpclient, httpclient.InferenceServerClient(url=server.inference.removeprefix("http://"))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)  # JSON BYTES come back as str
+
+
+def _triton_infer(server, png: bytes, **kw):
+    import base64
+
+    import numpy as np
+
+    httpclient, client = _triton(server)
+    inp = httpclient.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([base64.b64encode(png)], dtype=np.object_), binary_data=False)
+    outs = [httpclient.InferRequestedOutput(n, binary_data=False)
+            for n in ("label", "class_index", "confidence", "embedding_dim", "top_k_labels")]
+    return client.infer(server.model, [inp], outputs=outs,
+                        headers={"Authorization": f"Bearer {server.keys['inference']}"}, **kw)
+
+
+def test_tritonclient_agrees_with_predictions_on_50_images(tiny_server, test_images):
+    """The real tritonclient[http] over /v2/models/{m}/infer: same answers as /predictions."""
+    client = tiny_server.client()
+    for png in test_images[:50]:
+        want = client.predict(png).body
+        res = _triton_infer(tiny_server, png, parameters={"top_k": 3})
+        assert _text(res.as_numpy("label")[0]) == want["label"]
+        assert int(res.as_numpy("class_index")[0]) == want["class_index"]
+        assert int(res.as_numpy("embedding_dim")[0]) == want["embedding_dim"]
+        assert abs(float(res.as_numpy("confidence")[0]) - want["confidence"]) <= 1e-6
+        assert [_text(b) for b in res.as_numpy("top_k_labels")] == [t["label"] for t in want["top_k"][:3]]
+        params = res.get_response()["parameters"]
+        assert params == {"sizes_tried": want["sizes_tried"], "operating_point": want["operating_point"]}
+
+
+def test_a_v2_request_in_a_batch_of_v1_requests(tiny_server, test_images):
+    client = tiny_server.client()
+    alone = [client.predict(b).body for b in test_images[:7]]
+    with cf.ThreadPoolExecutor(8) as pool:
+        v1 = [pool.submit(client.predict, b) for b in test_images[:7]]
+        v2 = pool.submit(_triton_infer, tiny_server, test_images[0])
+        results = [f.result() for f in v1]
+        res = v2.result()
+    assert [(r.body["label"], r.body["embedding_dim"]) for r in results] == \
+        [(a["label"], a["embedding_dim"]) for a in alone]
+    assert _text(res.as_numpy("label")[0]) == alone[0]["label"]
+
+
+@pytest.mark.parametrize("case", ["wrong datatype", "wrong shape", "missing input", "two inputs", "bad base64",
+                                  "unknown parameter", "parameter of the wrong type"])
+def test_bad_v2_requests_get_a_v2_error_and_the_worker_lives(tiny_server, test_images, case):
+    import http.client
+
+    from tests.unit.test_oip import _bad
+
+    pids = tiny_server.worker_pids()
+    body = json.dumps(_bad(test_images[0])[case]).encode()
+    host, port = tiny_server.inference.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", f"/v2/models/{tiny_server.model}/infer", body=body,
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {tiny_server.keys['inference']}"})
+    resp = conn.getresponse()
+    doc = json.loads(resp.read())
+    assert 400 <= resp.status < 500 and set(doc) == {"error"} and doc["error"], (case, resp.status, doc)
+    assert tiny_server.worker_pids() == pids
+
+
+@pytest.mark.parametrize("path,key", [("/v2/health/live", "live"), ("/v2/health/ready", "ready")])
+def test_v2_health_is_served_by_torchserve(tiny_server, path, key):
+    import urllib.request
+
+    req = urllib.request.Request(tiny_server.inference + path,
+                                 headers={"Authorization": f"Bearer {tiny_server.keys['inference']}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200 and json.load(resp) == {key: True}
+
+
+# Last in this module: it starts its own TorchServe, and stopping it stops tiny_server too.
 def test_an_official_format_checkpoint_serves_224_jpegs(tmp_path_factory):
     """Random weights in the official RAIVNLab layout (DDP prefix, BlurPool, nine MRL heads)."""
     import io

@@ -74,7 +74,10 @@ def test_official_layouts_load_and_match_reference(tmp_path, head, old):
     assert card.classes[0] == "tench" and card.preprocessing.crop == 224
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference_forward(state, x, head), atol=1e-5, rtol=1e-5)
+        # 5e-5: two fp32 paths through 53 convs; oneDNN's AVX2 kernels (an AMD EPYC here) sum in
+        # another order than its AVX-512 ones and were seen 1.4e-5 apart. A layout or loading bug
+        # is off by orders of magnitude more.
+        torch.testing.assert_close(model(x), reference_forward(state, x, head), atol=5e-5, rtol=1e-4)
 
 
 def test_our_format_round_trips(tiny_checkpoint):

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FolderImages, holdout_split, load_spec,
+from training.data import (FASHION_MNIST_CLASSES, FolderImages, holdout_split, load_spec,
                            read_idx)
 
-needs_fashion_mnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-                                         reason="Debian package dataset-fashion-mnist is not installed")
+needs_fashion_mnist = pytest.mark.usefixtures("fashion_mnist_installed")
 
 
 def write_idx(path, array):
@@ -69,3 +68,13 @@ def test_folder_with_unknown_class_is_refused(tmp_path):
     (tmp_path / "Hat").mkdir()
     with pytest.raises(ValueError, match="'Hat'"):
         FolderImages(tmp_path, FASHION_MNIST_CLASSES)
+
+
+def test_a_missing_system_dependency_fails_naming_the_setup_step(tmp_path):
+    """No silent skips: a PATH without promtool is a failure that says how to install it."""
+    from tests import deps
+    with pytest.raises(pytest.fail.Exception, match=r"promtool.*Debian package prometheus.*make setup.*setup/system.sh"):
+        deps.need_binary("promtool", "prometheus", path=str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=r"dataset-fashion-mnist.*setup/system.sh"):
+        deps.need_file(tmp_path / "t10k-images-idx3-ubyte.gz", "dataset-fashion-mnist")
+    assert deps.need_binary("sh", "dash").endswith("/sh")

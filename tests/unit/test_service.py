@@ -94,3 +94,54 @@ def test_metrics_count_exactly(tiny_checkpoint, gray_png):
     assert value("mrl_exit_confidence_count") == 3
     assert value("mrl_stage_seconds_count", stage="forward") == 1
     assert value("mrl_cascade_escalations_total", from_dim="8") is None  # fixed points never escalate
+
+
+def test_model_name_is_the_invocations_routing_key_not_an_option(gray_png):
+    from handler.requests import parse_item
+
+    kw = dict(nesting=(8, 2048), operating_points=("balanced",), default_point="balanced", num_classes=10)
+    _, opts = parse_item({"body": gray_png, "model_name": b"m", "top_k": b"2"}, model_name="m", **kw)
+    assert opts.top_k == 2
+    from handler.errors import InputError
+    with pytest.raises(InputError, match="unknown option 'model_name'"):
+        parse_item({"body": gray_png, "model_name": b"other"}, model_name="m", **kw)
+
+
+def test_disagreements_count_exactly_the_answers_that_differ_from_the_2048_head(tiny_checkpoint):
+    """Counted per operating point; zero by construction for exact and for dim=2048."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    registry = CollectorRegistry()
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    # The random tiny model's 8-d head and 2048-d head disagree on nearly every image, and its
+    # 8-d confidence lies around 0.22-0.29: this threshold sends about half of them on to 2048.
+    spread = (0.26,) + (None,) * 7
+    points = OperatingPoints({"balanced": spread, "exact": (None,) * 8}, "balanced", {})
+    svc = MRLService(model, card, points, name="m", sink=PrometheusSink(registry), batch_sizes=(8,))
+    rng = np.random.default_rng(7)
+    pngs = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L").save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    cascade, full, exact, fixed64 = [], [], [], []
+    for i in range(0, 64, 8):
+        chunk = pngs[i:i + 8]
+        cascade += [b for _, b in svc.handle([{"body": p} for p in chunk])]
+        full += [b for _, b in svc.handle([{"body": p, "dim": b"2048"} for p in chunk])]
+        exact += [b for _, b in svc.handle([{"body": p, "operating_point": b"exact"} for p in chunk])]
+        fixed64 += [b for _, b in svc.handle([{"body": p, "dim": b"64"} for p in chunk])]
+    differ = sum(c["label"] != f["label"] for c, f in zip(cascade, full))
+    differ64 = sum(c["label"] != f["label"] for c, f in zip(fixed64, full))
+    assert 0 < differ < 64 and len({c["embedding_dim"] for c in cascade}) > 1  # a real mix
+
+    def value(point):
+        return registry.get_sample_value("mrl_cascade_disagreements_total",
+                                         {"model_name": "m", "operating_point": point})
+
+    assert value("balanced") == differ
+    assert value("fixed_dim") == differ64  # dim=2048 adds 0, dim=64 its own disagreements
+    assert value("exact") == 0.0  # emitted as an explicit zero

@@ -1,4 +1,6 @@
-"""A small threaded HTTP client for TorchServe predictions: used by the benchmark and the tests.
+"""A small threaded HTTP client for TorchServe predictions.
+
+Used by the folder classifier (``client.classify``), the benchmark and the tests.
 
 Each worker thread keeps one keep-alive connection. Loops are bounded by a request count and a
 deadline, and the target must be a loopback address.
@@ -42,7 +44,8 @@ class Client:
             conn = self._local.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=self.timeout)
         return conn
 
-    def predict(self, body: bytes, headers: dict | None = None) -> Result:
+    def predict(self, body: bytes, headers: dict | None = None, path: str | None = None) -> Result:
+        """POST ``body`` to /predictions/{model}, or to ``path`` (e.g. /models/{m}/invoke?top_k=2)."""
         hdrs = {"Content-Type": "application/octet-stream", **(headers or {})}
         if self.token:
             hdrs["Authorization"] = f"Bearer {self.token}"
@@ -50,7 +53,7 @@ class Client:
         for attempt in (0, 1):  # one retry on a connection the server closed while idle
             conn = self._conn()
             try:
-                conn.request("POST", f"/predictions/{self.model}", body=body, headers=hdrs)
+                conn.request("POST", path or f"/predictions/{self.model}", body=body, headers=hdrs)
                 resp = conn.getresponse()
                 raw = resp.read()
                 break
