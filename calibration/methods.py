@@ -103,12 +103,16 @@ def pareto(points: list[Point]) -> list[Point]:
     return best
 
 
-def frontier_path(out: Outputs, lambdas: np.ndarray | None = None) -> list[Point]:
-    """Threshold vectors from conservative (large lambda) to aggressive (small lambda)."""
+def frontier_path(out: Outputs, lambdas: np.ndarray | None = None, start: Thresholds | None = None
+                  ) -> list[Point]:
+    """Threshold vectors from conservative (large lambda) to aggressive (small lambda).
+
+    Each lambda's descent starts from the previous lambda's result; the first from ``start``
+    (default: every size skipped, i.e. the full model)."""
     if lambdas is None:
         lambdas = np.geomspace(2e5, 1.0, 60)
     order = [np.argsort(-out.conf[:, s], kind="stable") for s in range(len(out.nesting))]
-    t: Thresholds = [None] * (len(out.nesting) - 1)
+    t: Thresholds = list(start) if start is not None else [None] * (len(out.nesting) - 1)
     path = []
     for lam in lambdas:
         t = _descend(out, t, float(lam), order)
@@ -119,9 +123,15 @@ def frontier_path(out: Outputs, lambdas: np.ndarray | None = None) -> list[Point
 def fit_frontier(out: Outputs, max_drop: float, extra: list[Thresholds] = ()) -> tuple[Point, list[Point]]:
     """Fewest expected dims with holdout top-1 >= full-model top-1 - max_drop, and the frontier.
 
-    ``extra`` candidates (e.g. greedy's) join the search, so the result is never dominated by them.
+    ``extra`` candidates (e.g. greedy's) join the search, so the result is never dominated by them,
+    and each also seeds a local search: a descent path warm-started from it. On a hard model the
+    path from the full model can jump over the accurate region that greedy lands in (seen on a
+    1000-class probe: nothing between 150 and 496 dims); descending from greedy's point finds
+    cheaper vectors of the same accuracy there.
     """
     candidates = frontier_path(out) + [score(out, t) for t in extra]
+    for t in extra:
+        candidates += frontier_path(out, np.geomspace(2e5, 1.0, 60), start=list(t))
     candidates.append(score(out, [None] * (len(out.nesting) - 1)))
     target = float(out.correct[:, -1].mean()) - max_drop
     ok = [p for p in candidates if p.top1 >= target - 1e-12]

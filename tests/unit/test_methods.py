@@ -93,3 +93,32 @@ def test_guarantee_holds_in_repeated_draws(unlabeled):
         dims.append(score(population, t).expected_dims)
     assert violations / trials <= delta + 0.05
     assert np.mean(dims) < 1024  # not vacuous: the certified cascades do save dims
+
+
+def test_a_descent_seeded_at_greedy_never_ends_above_it():
+    """The local search from greedy's point: every lambda's descent lowers dims + lam * errors, so
+    the first vector of the seeded path costs no more than greedy at that lambda."""
+    from calibration.methods import frontier_path
+    out = synthetic(3000, 4, nesting=(8, 16, 32, 64, 2048))
+    greedy = fit_greedy(out)
+    g = score(out, greedy)
+    lam = 2e5
+    first = frontier_path(out, np.array([lam]), start=greedy)[0]
+    cost = lambda p: p.expected_dims + lam * (1 - p.top1)  # noqa: E731
+    assert cost(first) <= cost(g) + 1e-9
+
+
+def test_frontier_vs_greedy_on_eval_data():
+    from calibration.fit_thresholds import frontier_vs_greedy
+    hold, ev = synthetic(3000, 5), synthetic(3000, 6)
+    greedy = fit_greedy(hold)
+    _, front = fit_frontier(hold, 0.001, extra=[greedy])
+    on_eval = [score(ev, list(p.thresholds)) for p in front]
+    cmp = frontier_vs_greedy(score(hold, greedy), front, on_eval, ev)
+    g_eval = score(ev, greedy)
+    assert cmp["greedy"] == {"top1": g_eval.top1, "expected_dims": g_eval.expected_dims}
+    reach = [(p.expected_dims, q) for p, q in zip(front, on_eval) if p.top1 >= score(hold, greedy).top1]
+    q = min(reach, key=lambda r: r[0])[1]  # cheapest on the holdout, then scored on eval
+    assert cmp["at_greedy_holdout"] == {"top1": q.top1, "expected_dims": q.expected_dims}
+    if cmp["cheapest_on_eval"] is not None:
+        assert cmp["cheapest_on_eval"]["top1"] >= g_eval.top1
