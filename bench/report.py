@@ -13,7 +13,8 @@ def tables(report: dict) -> str:
     m, peak = report["machine"], report["peak_gflops"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, avx512_bf16={m['avx512_bf16']}, "
              f"amx={m['amx']}. Run {report['date']} with `{report['command']}`.",
-             f"Measured matmul peak (best run over {report.get('peak_sizes', [2048])} square matmuls): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s.",
+             f"Measured matmul peak (best run over {report.get('peak_sizes', [2048])} square matmuls): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
+             + (f"{peak['bf16']:.0f} GFLOP/s." if peak['bf16'] else "not measured (no bf16 on this CPU)."),
              f"Server: batchSize {report['settings']['batch_size']}, maxBatchDelay "
              f"{report['settings']['batch_delay_ms']} ms, one worker.", ""]
     bs = str(report["settings"]["batch_size"])
