@@ -51,16 +51,9 @@ def v2_body(item: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return body if isinstance(body, Mapping) and "inputs" in body else None
 
 
-def is_v2(item: Mapping[str, Any]) -> bool:
-    return v2_body(item) is not None
-
-
-def parse_v2(item: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
+def parse_v2(body: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
              default_point: str, num_classes: int) -> tuple[bytes, Options, V2Request]:
-    """(image bytes, validated options, what to echo) from one v2 request, or an InputError."""
-    body = v2_body(item)
-    if body is None:
-        raise InputError("not an Open Inference Protocol request: the body needs an 'inputs' list")
+    """(image bytes, validated options, what to echo) from one v2 body (``v2_body``), or an InputError."""
     unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
     if unknown:
         raise InputError(f"unknown request field {unknown[0]!r}; a v2 request has id, inputs, outputs, "
@@ -106,8 +99,6 @@ def _image(inp: Any) -> bytes:
     if shape != [1]:
         raise InputError(f"input {name!r} has shape {shape!r}; send one image per request, shape [1]")
     data = inp.get("data")
-    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
-        data = data[0]  # a nested (row-major) tensor: [[...]]
     if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
         raise InputError(f"input {name!r} must carry its one element as a string in 'data'", reason="empty")
     text = data[0]

@@ -22,7 +22,7 @@ from handler.engine import Engine, resolve_numerics
 from handler.errors import InputError
 from handler.metrics import MetricsSink, NullSink
 from handler.preprocess import MAX_PIXELS, Normalizer, crop_image, decode_image
-from handler.oip import V2Request, is_v2, parse_v2, v2_error, v2_response
+from handler.oip import V2Request, parse_v2, v2_body, v2_error, v2_response
 from handler.requests import Options, parse_item
 from handler.thresholds import OperatingPoints, load_thresholds
 
@@ -87,14 +87,15 @@ class MRLService:
         crops, opts, index = [], [], []
         v2: dict[int, V2Request] = {}  # items that came as Open Inference Protocol requests
 
+        kw = dict(nesting=self.nesting, operating_points=tuple(self.points.points),
+                  default_point=self.points.default, num_classes=len(self.card.classes))
         t0 = time.perf_counter()
         for i, item in enumerate(items):
             try:
-                kw = dict(nesting=self.nesting, operating_points=tuple(self.points.points),
-                          default_point=self.points.default, num_classes=len(self.card.classes))
-                if is_v2(item):
+                body = v2_body(item)  # parsed once: raw JSON bytes arrive from clients without a Content-Type
+                if body is not None:
                     v2[i] = V2Request(None, None)  # until parsed: errors still answer in v2 form
-                    data, opt, v2[i] = parse_v2(item, **kw)
+                    data, opt, v2[i] = parse_v2(body, **kw)
                 else:
                     data, opt = parse_item(item, **kw, headers=headers[i] if headers else None,
                                            model_name=self.name)

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from handler.checkpoint import file_sha256
+
 MANIFEST = Path(__file__).with_name("han_fonts.json")
 GENERATOR_VERSION = 1  # bump when rendering changes: it keys the cache and the pinned test hashes
 NUM_CLASSES = 1000
@@ -79,14 +81,6 @@ class Degradation:
 DEGRADATION = Degradation()
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=1)
 def manifest() -> dict:
     return json.loads(MANIFEST.read_text(encoding="utf-8"))
@@ -120,7 +114,7 @@ def check_fonts(doc: dict) -> None:
                 if not Path(path).exists():
                     raise FontMismatch(f"font file {path} (family {fam['family']}, Debian package "
                                        f"{fam['package']}) is missing; run the set-up step (make setup)")
-                hashes[path] = sha256_file(path)
+                hashes[path] = file_sha256(path)
             if hashes[path] != want:
                 raise FontMismatch(f"font file {path} has sha256 {hashes[path]}, but the manifest "
                                    f"({MANIFEST.name}) says {want}: another package version renders "
@@ -259,7 +253,7 @@ def build_manifest(families: list[dict]) -> dict:
     covered = None
     for fam in families:
         for f in fam["faces"]:
-            f["sha256"] = sha256_file(f["file"])
+            f["sha256"] = file_sha256(f["file"])
             font = (TTCollection(f["file"]).fonts[f["index"]] if f["file"].endswith((".ttc", ".otc"))
                     else TTFont(f["file"], lazy=True))
             cmap = set((font.getBestCmap() or {}).keys())
