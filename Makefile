@@ -7,6 +7,8 @@ DEMO_THRESHOLDS ?= model_store/fashion_mnist/thresholds.json
 CHECKPOINT ?= $(DEMO_CKPT)
 THRESHOLDS ?= $(if $(filter $(CHECKPOINT),$(DEMO_CKPT)),$(DEMO_THRESHOLDS),)
 GRAPH ?= jit
+# make serve REPLICAS=3: that many TorchServe instances behind an HAProxy gateway with API keys.
+REPLICAS ?= 1
 # glibc malloc: keep freed activations mapped instead of returning them to the OS between batches
 # (measured in bench/: repeated page faults otherwise cost up to 2x at larger batches).
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
@@ -17,7 +19,8 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 help:
 	@echo "make setup     install the Debian packages of setup/debian-packages.txt (every target runs it)"
 	@echo "make serve     build the demo archive, start TorchServe, print a ready curl"
-	@echo "make stop      stop TorchServe"
+	@echo "make serve REPLICAS=3   that many TorchServe instances behind HAProxy (API keys at the gateway)"
+	@echo "make stop      stop TorchServe (every replica and the gateway too)"
 	@echo "make token     print a fresh inference key for the running server (keys expire after 60 min)"
 	@echo "make test      the whole test suite (what CI runs)"
 	@echo "make archive CHECKPOINT=path [THRESHOLDS=path]   build model_store/mrl_resnet50.mar"
@@ -42,9 +45,14 @@ archive: env
 		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH)
 
 serve: archive
+ifeq ($(REPLICAS),1)
 	$(PY) -m model_store.serve start
+else
+	$(PY) -m model_store.cluster start --replicas $(REPLICAS)
+endif
 
 stop:
+	$(PY) -m model_store.cluster stop
 	$(PY) -m model_store.serve stop
 
 # A fresh inference key for the running server (the old one stops working; keys expire after 60 min).
@@ -61,7 +69,7 @@ test-integration: env
 	$(PY) -m pytest -q tests/integration
 
 monitor: env
-	$(PY) -m monitoring.prometheus start
+	$(PY) -m monitoring.prometheus start $(if $(filter-out 1,$(REPLICAS)),--config logs/cluster/prometheus.yml)
 
 bench: env
 	$(PY) -m bench.run

@@ -22,6 +22,7 @@ class Result:
     body: dict | None
     seconds: float
     index: int = -1
+    finished: float = 0.0  # time.monotonic() when the answer (or the failure) came
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Client:
             parsed = json.loads(raw) if raw else None
         except ValueError:
             parsed = {"raw": raw[:200].decode("utf-8", "replace")}
-        return Result(resp.status, parsed, seconds)
+        return Result(resp.status, parsed, seconds, finished=time.monotonic())
 
 
 def run_load(client: Client, bodies: Sequence[bytes], *, concurrency: int, count: int | None = None,
@@ -91,7 +92,7 @@ def run_load(client: Client, bodies: Sequence[bytes], *, concurrency: int, count
             try:
                 r = client.predict(bodies[i % len(bodies)], headers)
             except OSError as exc:  # timeouts and refused connections are results too
-                r = Result(0, {"error": type(exc).__name__}, client.timeout)
+                r = Result(0, {"error": type(exc).__name__}, client.timeout, finished=time.monotonic())
             r.index = i
             with lock:
                 results.append(r)

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,13 +28,17 @@ INFERENCE = "http://127.0.0.1:8080"
 EXAMPLES = {"mrl_resnet50": "ankle_boot.png"}
 
 
-def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "") -> Path:
-    """A copy of config.properties for a server started elsewhere: absolute paths, other ports."""
+def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "",
+                 overrides: dict[str, str] | None = None) -> Path:
+    """A copy of config.properties for a server started elsewhere: absolute paths, other ports,
+    ``overrides`` replacing (or adding) settings."""
     text = (ROOT / "config.properties").read_text()
-    for name, port in (ports or {}).items():
-        text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
-    text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
-    text = re.sub(r"^metrics_config=.*$", f"metrics_config={ROOT / 'monitoring' / 'ts_metrics.yaml'}", text, flags=re.M)
+    settings = {f"{name}_address": f"http://127.0.0.1:{port}" for name, port in (ports or {}).items()}
+    settings |= {"model_store": str(model_store), "metrics_config": str(ROOT / "monitoring" / "ts_metrics.yaml")}
+    for key, value in (settings | (overrides or {})).items():
+        text, n = re.subn(rf"^{key}=.*$", lambda _: f"{key}={value}", text, flags=re.M)
+        if not n:
+            text += f"\n{key}={value}\n"
     dest.write_text(text + extra)
     return dest
 
@@ -64,19 +69,23 @@ def renew_key(kind: str = "inference", root: Path = ROOT, management: str = MANA
     return read_keys(root)[kind]
 
 
-def describe(model: str, token: str, management: str = MANAGEMENT) -> dict:
-    """The management API's description of ``model`` (workers with status and pid)."""
-    req = urllib.request.Request(f"{management}/models/{model}", headers={"Authorization": f"Bearer {token}"})
+def describe(model: str, token: str | None, management: str = MANAGEMENT) -> dict:
+    """The management API's description of ``model`` (workers with status and pid); ``token``
+    None for a server with token authorization off."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(f"{management}/models/{model}", headers=headers)
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.load(resp)[0]
 
 
-def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = MANAGEMENT) -> float:
-    """Block until ``model`` has a READY worker; returns the seconds waited."""
+def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = MANAGEMENT,
+               token: bool = True) -> float:
+    """Block until ``model`` has a READY worker; returns the seconds waited. ``token`` False: the
+    server runs with token authorization off (cluster replicas behind the gateway)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
-            workers = describe(model, read_keys(cwd)["management"], management)["workers"]
+            workers = describe(model, read_keys(cwd)["management"] if token else None, management)["workers"]
             if any(w["status"] == "READY" for w in workers):
                 return time.monotonic() - t0
         except (OSError, KeyError, ValueError, IndexError, urllib.error.URLError):
@@ -86,7 +95,8 @@ def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = M
 
 
 def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = None,
-          model_store: Path | None = None, management: str = MANAGEMENT, env: dict[str, str] | None = None) -> float:
+          model_store: Path | None = None, management: str = MANAGEMENT, env: dict[str, str] | None = None,
+          token: bool = True) -> float:
     """Start TorchServe in the background (working directory ``root``: logs/ and key_file.json
     go there; ``env`` for the server and its workers, default ours) and block until ``model`` has a
     READY worker. Returns seconds from ``torchserve --start`` to READY."""
@@ -98,17 +108,24 @@ def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = N
         subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
                         "--model-store", str(model_store or ROOT / "model_store")], cwd=root, env=env,
                        check=True, stdout=out, stderr=out)
-    wait_ready(model, timeout, root, management)
+    wait_ready(model, timeout, root, management, token)
     return time.monotonic() - t0
 
 
-def stop(root: Path = ROOT) -> None:
-    subprocess.run([TORCHSERVE, "--stop"], cwd=root, check=False, stdout=subprocess.DEVNULL)
-    for _ in range(40):  # workers exit a few seconds after the frontend
-        if subprocess.run(["pgrep", "-f", "ts.model_service_worker|org.pytorch.serve.ModelServer"],
-                          stdout=subprocess.DEVNULL).returncode != 0:
-            return
-        time.sleep(0.25)
+def stop(root: Path = ROOT, env: dict[str, str] | None = None) -> None:
+    """Stop the TorchServe whose pid file lies in ``env``'s TMPDIR (one per temp dir) and wait
+    until its frontend and workers have exited."""
+    import psutil
+
+    tmp = Path((env or os.environ).get("TMPDIR") or tempfile.gettempdir())
+    procs = []
+    try:
+        frontend = psutil.Process(int((tmp / ".model_server.pid").read_text().split()[0]))
+        procs = [frontend] + frontend.children(recursive=True)
+    except (OSError, ValueError, psutil.Error):
+        pass
+    subprocess.run([TORCHSERVE, "--stop"], cwd=root, env=env, check=False, stdout=subprocess.DEVNULL)
+    psutil.wait_procs(procs, timeout=10)  # workers exit a few seconds after the frontend
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,120 @@
+"""Replicas behind the HAProxy gateway (model_store/cluster.py): throughput at 1 and 16 clients for
+1 and N replicas side by side in one run, and a kill drill (SIGKILL one whole instance under load).
+
+    python -m bench.cluster                  # writes docs/scaling.json, prints the figures
+    python -m bench.cluster --duration 10    # shorter phases
+
+The bundled Fashion-MNIST model (jit graph, as `make serve` builds it), PNG requests from
+fashion-mnist:test, all traffic on 127.0.0.1. Medians of per-second throughput within each phase.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from bench.run import machine
+from client.http import Client, run_load
+from model_store import cluster as cl
+from training.data import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "model_store" / "fashion_mnist"
+KEY = "bench-" + "b" * 26
+
+
+def bodies(n: int = 200) -> list[bytes]:
+    data = load_spec("fashion-mnist:test", limit=n)
+    out = []
+    for img in data.images:
+        buf = io.BytesIO()
+        Image.fromarray(img, "L").save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def throughput(results, duration: float) -> dict:
+    ok = [r for r in results if r.status == 200]
+    lat = sorted(r.seconds * 1000 for r in ok)
+    return {"requests": len(results), "failed": len(results) - len(ok), "img_s": round(len(ok) / duration, 1),
+            "p50_ms": round(statistics.median(lat), 1), "p99_ms": round(lat[int(0.99 * (len(lat) - 1))], 1)}
+
+
+def drill(c: cl.Cluster, store: Path, images: list[bytes], duration: float) -> dict:
+    victim = c.replica(1)
+    client = Client(c.gateway, KEY, timeout=30)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(results=run_load(client, images, concurrency=16,
+                                                                    duration=duration)))
+    t.start()
+    time.sleep(duration / 3)
+    in_flight = int(cl.gateway_stats(c)[victim.name]["scur"])
+    killed = time.monotonic()
+    cl.kill_replica(victim)
+    while not cl.gateway_stats(c)[victim.name]["status"].startswith("DOWN"):
+        time.sleep(0.05)
+    down = time.monotonic()
+    t.join()
+    failed = [r for r in out["results"] if r.status != 200]
+    restart = time.monotonic()
+    cl.start_replica(c, victim, store, ["mrl_resnet50"], timeout=300, load_models="mrl_resnet50.mar")
+    ready = time.monotonic()
+    while not cl.gateway_stats(c)[victim.name]["status"].startswith("UP"):
+        time.sleep(0.05)
+    up = time.monotonic()
+    return {"in_flight_at_kill": in_flight, "requests": len(out["results"]), "failed": len(failed),
+            "failed_after_marked_down": sum(r.finished > down for r in failed),
+            "marked_down_after_s": round(down - killed, 2), "restart_to_ready_s": round(ready - restart, 1),
+            "ready_to_up_in_gateway_s": round(up - ready, 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load phase")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "scaling.json")
+    args = p.parse_args(argv)
+    images = bodies()
+    report: dict = {"machine": machine(), "command": "python -m bench.cluster", "model": "fashion_mnist (jit)",
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "throughput": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = tmp / "model_store"
+        store.mkdir()
+        subprocess.run([sys.executable, str(ROOT / "model_store" / "build_archive.py"),
+                        "--checkpoint", str(DEMO / "mrl_resnet50_fp16.pt"), "--thresholds", str(DEMO / "thresholds.json"),
+                        "--export-path", str(store)], check=True, capture_output=True)
+        keys = tmp / "api_keys"
+        keys.write_text(KEY + "\n")
+        for n in (1, args.replicas):
+            c = cl.Cluster(home=tmp / f"cluster{n}", replicas=n)
+            try:
+                took = cl.start(c, ["mrl_resnet50"], keys, model_store=store, load_models="mrl_resnet50.mar")
+                client = Client(c.gateway, KEY)
+                run_load(client, images, concurrency=16, duration=3)  # warm-up
+                row = {"start_s": round(took, 1)}
+                for conc in (1, 16):
+                    row[f"c{conc}"] = throughput(run_load(client, images, concurrency=conc, duration=args.duration),
+                                                 args.duration)
+                report["throughput"][f"{n}_replicas"] = row
+                print(f"{n} replica(s): {json.dumps(row)}", flush=True)
+                if n == args.replicas and n > 1:
+                    report["kill_drill"] = drill(c, store, images, 1.5 * args.duration)
+                    print(f"kill drill: {json.dumps(report['kill_drill'])}", flush=True)
+            finally:
+                cl.stop(c)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""N TorchServe replicas behind an HAProxy gateway that checks API keys (make serve REPLICAS=N).
+
+    python -m model_store.cluster start --replicas 3   # gateway on 127.0.0.1:8080, like one server
+    python -m model_store.cluster stop                 # everything it started (make stop runs it)
+    python -m model_store.cluster status               # HAProxy's view: each replica UP or DOWN
+
+Layout (all loopback): replica i serves inference on 8180+10i, management 8181+10i, metrics
+8182+10i, gRPC 8183+10i/8184+10i, with its worker ports from 9100+100i. Each runs in its own
+folder under logs/cluster/ with its own TMPDIR (TorchServe keeps one pid file per temp dir).
+TorchServe's token auth is off inside; the gateway is the only door:
+
+- API keys come from a file, one per line (``--api-keys``; default logs/cluster/api_keys,
+  generated on first start with mode 0600). A request without ``Authorization: Bearer KEY`` for
+  one of them gets a 401 JSON error from HAProxy and never reaches TorchServe; the header is
+  removed before forwarding and HAProxy's log format records no headers. /ping and
+  /v2/health/{live,ready} answer without a key (load balancers and probes).
+- HAProxy health-checks GET /ping every second (down after 2 failures, up after 2 passes),
+  retries a request on another replica when a connection fails, and times out slow clients
+  (10 s for the request head, 30 s idle).
+
+One Prometheus scrapes every replica: start() writes logs/cluster/prometheus.yml (each target
+labelled ``replica``), and `make monitor REPLICAS=N` uses it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_store.serve import ROOT, start as start_server, stop as stop_server, wait_ready, write_config
+
+CLUSTER = ROOT / "logs" / "cluster"
+GATEWAY_PORT = 8080
+BASE_PORT = 8180
+BASE_WORKER_PORT = 9100
+HAPROXY = "haproxy"  # Debian package haproxy (setup/debian-packages.txt)
+
+
+@dataclass(frozen=True)
+class Replica:
+    index: int
+    home: Path        # its working directory: config, logs/, tmp/
+    base_port: int
+
+    @property
+    def name(self) -> str:
+        return f"replica{self.index}"
+
+    def port(self, kind: str) -> int:
+        offset = {"inference": 0, "management": 1, "metrics": 2, "grpc_inference": 3, "grpc_management": 4}
+        return self.base_port + offset[kind]
+
+    def url(self, kind: str) -> str:
+        return f"http://127.0.0.1:{self.port(kind)}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """TMPDIR keys TorchServe's pid file, TEMP its Java temp dir (archives unpack there)."""
+        tmp = str(self.home / "tmp")
+        return {**os.environ, "TMPDIR": tmp, "TEMP": tmp}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    home: Path = CLUSTER
+    replicas: int = 3
+    gateway_port: int = GATEWAY_PORT
+    base_port: int = BASE_PORT
+    base_worker_port: int = BASE_WORKER_PORT
+
+    def replica(self, i: int) -> Replica:
+        return Replica(i, self.home / f"replica{i}", self.base_port + 10 * i)
+
+    @property
+    def members(self) -> list[Replica]:
+        return [self.replica(i) for i in range(self.replicas)]
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def stats_socket(self) -> Path:
+        return self.home / "gateway" / "haproxy.sock"
+
+
+def replica_config(cluster: Cluster, r: Replica, model_store: Path, load_models: str | None) -> Path:
+    r.home.mkdir(parents=True, exist_ok=True)
+    (r.home / "tmp").mkdir(exist_ok=True)
+    overrides = {
+        "disable_token_authorization": "true",  # the gateway authenticates; instances are loopback-only
+        "grpc_inference_port": str(r.port("grpc_inference")),
+        "grpc_management_port": str(r.port("grpc_management")),
+        "initial_worker_port": str(cluster.base_worker_port + 100 * r.index),
+    }
+    if load_models:
+        overrides["load_models"] = load_models
+    ports = {k: r.port(k) for k in ("inference", "management", "metrics")}
+    return write_config(r.home / "config.properties", model_store, ports, overrides=overrides)
+
+
+def api_keys(path: Path) -> list[str]:
+    """The keys of a key file (one per line, '#' comments); creates the file with one key if absent."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# mrl-serve gateway API keys, one per line\n{secrets.token_urlsafe(24)}\n")
+    keys = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    bad = [k for k in keys if any(c.isspace() for c in k) or len(k) < 16]
+    if not keys or bad:
+        raise SystemExit(f"{path}: need one or more keys of at least 16 characters, no spaces")
+    return keys
+
+
+def haproxy_config(cluster: Cluster, keys_acl: Path) -> str:
+    servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.port('inference')} check"
+                        for r in cluster.members)
+    unauthorized = ('{"code": 401, "type": "Unauthorized", '
+                    '"message": "missing or unknown API key: send Authorization: Bearer KEY"}')
+    return f"""# Written by model_store/cluster.py; edit that, not this.
+global
+    maxconn 1024
+    # L7 retries need the whole request in one buffer: 256 KiB holds our test images; bigger
+    # bodies are still retried on a refused connection, never after they were sent.
+    tune.bufsize 262144
+    stats socket {cluster.stats_socket} mode 600 level admin
+    log stdout format raw local0
+
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 2s
+    timeout http-request 10s
+    timeout client 30s
+    timeout http-keep-alive 10s
+    timeout queue 5s
+    timeout server 35s
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout
+
+frontend gateway
+    bind 127.0.0.1:{cluster.gateway_port}
+    acl health path /ping /v2/health/live /v2/health/ready
+    acl known_key req.hdr(authorization) -m str -f {keys_acl}
+    http-request return status 401 content-type application/json string '{unauthorized}' if !health !known_key
+    http-request del-header authorization
+    default_backend torchserve
+
+backend torchserve
+    balance leastconn
+    option httpchk GET /ping
+    http-check expect status 200
+    default-server inter 1s fall 2 rise 2 maxconn 64
+{servers}
+"""
+
+
+def prometheus_config(cluster: Cluster) -> str:
+    targets = "\n".join(f"      - targets: [\"127.0.0.1:{r.port('metrics')}\"]\n"
+                        f"        labels: {{replica: \"{r.name}\"}}" for r in cluster.members)
+    rules = ROOT / "monitoring" / "alerts.yml"
+    return f"""# Written by model_store/cluster.py: one Prometheus for every replica (make monitor REPLICAS=N).
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+rule_files:
+  - {rules}
+scrape_configs:
+  - job_name: torchserve
+    static_configs:
+{targets}
+"""
+
+
+def _pid_file(cluster: Cluster) -> Path:
+    return cluster.home / "gateway" / "haproxy.pid"
+
+
+def start_gateway(cluster: Cluster, keys_file: Path) -> subprocess.Popen:
+    gw = cluster.home / "gateway"
+    gw.mkdir(parents=True, exist_ok=True)
+    acl = gw / "keys.acl"
+    fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"Bearer {k}\n" for k in api_keys(keys_file)))
+    cfg = gw / "haproxy.cfg"
+    cfg.write_text(haproxy_config(cluster, acl))
+    subprocess.run([HAPROXY, "-c", "-q", "-f", str(cfg)], check=True)
+    log = open(gw / "haproxy.log", "ab")
+    proc = subprocess.Popen([HAPROXY, "-W", "-f", str(cfg)], stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _pid_file(cluster).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"haproxy exited with status {proc.returncode}; see {gw / 'haproxy.log'}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", cluster.gateway_port)) == 0:
+                return proc
+        time.sleep(0.1)
+    raise SystemExit(f"haproxy did not listen on {cluster.gateway_port}; see {gw / 'haproxy.log'}")
+
+
+def start_replica(cluster: Cluster, r: Replica, model_store: Path, models: list[str], timeout: float,
+                  load_models: str | None = None) -> float:
+    """Start replica ``r`` and wait until each of ``models`` has a READY worker; seconds taken."""
+    config = replica_config(cluster, r, model_store, load_models)
+    took = start_server(models[0], timeout, root=r.home, config=config, model_store=model_store,
+                        management=r.url("management"), env=r.env, token=False)
+    for other in models[1:]:
+        took += wait_ready(other, timeout, r.home, r.url("management"), token=False)
+    return took
+
+
+def start(cluster: Cluster, models: list[str], keys_file: Path, *, model_store: Path = ROOT / "model_store",
+          load_models: str | None = None, timeout: float = 300) -> float:
+    """Every replica (one after the other: each start is CPU-bound), then the gateway."""
+    t0 = time.monotonic()
+    stop(cluster)
+    cluster.home.mkdir(parents=True, exist_ok=True)
+    for r in cluster.members:
+        start_replica(cluster, r, model_store, models, timeout, load_models)
+    (cluster.home / "prometheus.yml").write_text(prometheus_config(cluster))
+    start_gateway(cluster, keys_file)
+    return time.monotonic() - t0
+
+
+def kill_replica(r: Replica) -> list[int]:
+    """SIGKILL a whole instance, frontend and workers, as a crash would; returns the pids killed."""
+    import psutil
+
+    pid_file = Path(r.env["TMPDIR"]) / ".model_server.pid"
+    frontend = psutil.Process(int(pid_file.read_text().split()[0]))
+    victims = [frontend] + frontend.children(recursive=True)
+    for p in victims:
+        p.kill()
+    psutil.wait_procs(victims, timeout=10)
+    return [p.pid for p in victims]
+
+
+def stop(cluster: Cluster) -> None:
+    try:
+        pid = int(_pid_file(cluster).read_text())
+        os.killpg(pid, signal.SIGTERM)  # its own session: master and workers
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    _pid_file(cluster).unlink(missing_ok=True)
+    for i in range(64):
+        r = cluster.replica(i)
+        if not r.home.exists():
+            break
+        stop_server(r.home, env=r.env)
+
+
+def gateway_stats(cluster: Cluster) -> dict[str, dict[str, str]]:
+    """HAProxy's ``show stat`` for the backend's servers: {replica name: {status, scur, stot, ...}}."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(cluster.stats_socket))
+        s.sendall(b"show stat\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    lines = raw.decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
+    return {row["svname"]: row for row in rows
+            if row["pxname"] == "torchserve" and row["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from model_store.serve import EXAMPLES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--api-keys", type=Path, default=CLUSTER / "api_keys", help="one key per line (0600)")
+    p.add_argument("--timeout", type=float, default=300)
+    args = p.parse_args(argv)
+    cluster = Cluster(replicas=args.replicas)
+    if args.action == "stop":
+        stop(cluster)
+        return
+    if args.action == "status":
+        for name, row in gateway_stats(cluster).items():
+            print(f"{name}: {row['status']}  in flight {row['scur']}  served {row['stot']}")
+        return
+    if args.replicas < 1:
+        raise SystemExit("--replicas must be at least 1")
+    models = list(EXAMPLES)
+    took = start(cluster, models, args.api_keys, timeout=args.timeout)
+    key = api_keys(args.api_keys)[0]
+    lines = [f"{args.replicas} replicas behind HAProxy: {', '.join(models)} READY after {took:.1f} s.", ""]
+    for model in models:
+        example = os.path.relpath(ROOT / "examples" / EXAMPLES[model])
+        lines.append(f"  curl -H 'Authorization: Bearer {key}' -T {example} {cluster.gateway}/predictions/{model}")
+    lines += ["", f"API keys: {os.path.relpath(args.api_keys)} (one per line; restart to reload).",
+              f"Replicas: python -m model_store.cluster status   Metrics: make monitor REPLICAS={args.replicas}",
+              "Stop: make stop"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Three real TorchServe replicas behind a real HAProxy gateway (model_store/cluster.py): API keys at
+the gateway, health checks, and one whole instance killed with SIGKILL under 16-client load."""
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from client.http import Client, run_load
+from model_store import cluster as cl
+from tests import deps
+from tests.integration.server import ROOT, build_archive
+
+pytestmark = pytest.mark.integration
+DEMO = ROOT / "model_store" / "fashion_mnist"
+KEY = "test-key-" + "k" * 24
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    deps.need_binary("haproxy", "haproxy")
+    tmp = tmp_path_factory.mktemp("cluster")
+    store = tmp / "model_store"
+    store.mkdir()
+    build_archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")
+    keys = tmp / "api_keys"
+    keys.write_text(f"# test keys\n{KEY}\n")
+    c = cl.Cluster(home=tmp / "cluster", replicas=3, gateway_port=18090, base_port=18100,
+                   base_worker_port=19500)
+    try:
+        cl.start(c, ["mrl_resnet50"], keys, model_store=store, load_models="mrl_resnet50.mar", timeout=240)
+        yield c, store
+    finally:
+        cl.stop(c)
+
+
+def _image() -> bytes:
+    return (ROOT / "examples" / "ankle_boot.png").read_bytes()
+
+
+def _served(c) -> dict[str, int]:
+    return {name: int(row["stot"]) for name, row in cl.gateway_stats(c).items()}
+
+
+def _access_lines(c) -> int:
+    """Requests other than HAProxy's health checks (GET /ping every second) in TorchServe's logs."""
+    return sum(sum('"POST ' in line for line in (r.home / "logs" / "access_log.log").read_text().splitlines())
+               for r in c.members)
+
+
+def _wait_status(c, name: str, prefix: str, timeout: float = 60) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cl.gateway_stats(c)[name]["status"].startswith(prefix):
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"{name} not {prefix} after {timeout} s: {cl.gateway_stats(c)[name]}")
+
+
+def test_the_gateway_answers_like_one_server_and_spreads_the_load(cluster):
+    c, _ = cluster
+    before = _served(c)
+    results = run_load(Client(c.gateway, KEY), [_image()], concurrency=4, count=60)
+    assert {r.status for r in results} == {200}
+    assert {r.body["label"] for r in results} == {"Ankle boot"}
+    after = _served(c)
+    assert sorted(after) == ["replica0", "replica1", "replica2"]
+    assert all(after[n] > before[n] for n in after), (before, after)
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-key-" + "x" * 20, f"Bearer {KEY}x", KEY])
+def test_no_key_or_a_wrong_key_is_401_at_the_gateway(cluster, auth):
+    c, _ = cluster
+    before, lines = _served(c), _access_lines(c)
+    client = Client(c.gateway, None)
+    r = client.predict(_image(), headers={"Authorization": auth} if auth else None)
+    assert r.status == 401 and r.body["code"] == 401 and "API key" in r.body["message"]
+    time.sleep(0.5)
+    assert _served(c) == before and _access_lines(c) == lines  # it never reached TorchServe
+
+
+def test_health_answers_without_a_key(cluster):
+    c, _ = cluster
+    for path in ("/ping", "/v2/health/ready"):
+        with urllib.request.urlopen(c.gateway + path, timeout=5) as resp:
+            assert resp.status == 200
+
+
+def test_a_killed_replica_costs_at_most_its_in_flight_requests_and_rejoins(cluster):
+    c, store = cluster
+    victim = c.replica(1)
+    client = Client(c.gateway, KEY, timeout=30)
+    out: dict = {}
+
+    def load():
+        out["results"] = run_load(client, [_image()], concurrency=16, duration=25)
+
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(8)
+    in_flight = int(cl.gateway_stats(c)[victim.name]["scur"])
+    killed_at = time.monotonic()
+    pids = cl.kill_replica(victim)
+    down_at = _wait_status(c, victim.name, "DOWN")
+    t.join()
+    results = out["results"]
+    failed = [r for r in results if r.status != 200]
+    print(f"killed {victim.name} (pids {pids}) with {in_flight} requests in flight; HAProxy marked it "
+          f"down {down_at - killed_at:.2f} s later; {len(results)} requests, {len(failed)} failed")
+    assert len(pids) >= 2  # the frontend and its worker
+    assert len(failed) <= in_flight
+    assert all(r.finished <= down_at for r in failed)
+    assert sum(r.status == 200 for r in results if r.finished > down_at) > 0  # the others carried on
+
+    cl.start_replica(c, victim, store, ["mrl_resnet50"], timeout=240, load_models="mrl_resnet50.mar")
+    _wait_status(c, victim.name, "UP")
+    before = _served(c)[victim.name]
+    assert {r.status for r in run_load(client, [_image()], concurrency=4, count=60)} == {200}
+    assert _served(c)[victim.name] > before
+
+
+def test_keys_appear_in_no_log(cluster):
+    c, _ = cluster
+    for r in c.members:
+        assert not (r.home / "key_file.json").exists()  # token auth is off inside
+    secret_files = {c.home.parent / "api_keys", c.home / "gateway" / "keys.acl"}
+    logs = [p for p in c.home.rglob("*") if p.is_file() and p not in secret_files and p.suffix != ".sock"]
+    assert any(p.name == "haproxy.log" for p in logs) and any(p.name == "access_log.log" for p in logs)
+    for p in logs:
+        assert KEY.encode() not in p.read_bytes(), p
+
+
+def test_one_prometheus_config_lists_every_replica(cluster):
+    c, _ = cluster
+    text = (c.home / "prometheus.yml").read_text()
+    for r in c.members:
+        assert f"127.0.0.1:{r.port('metrics')}" in text and f'replica: "{r.name}"' in text
