@@ -1,7 +1,12 @@
 """Three real TorchServe replicas behind a real HAProxy gateway (model_store/cluster.py): API keys at
-the gateway, health checks, and one whole instance killed with SIGKILL under 16-client load."""
+the gateway, health checks, one whole instance killed with SIGKILL under 16-client load, and one
+real Prometheus scraping every replica, with every dashboard query answered per instance and summed.
+
+The model is the suite's tiny random MRL ResNet50 with thresholds that spread exits over sizes, so
+that escalations, every exit size and errors show up on each replica."""
 import threading
 import time
+from dataclasses import dataclass
 import urllib.error
 import urllib.request
 
@@ -9,21 +14,24 @@ import pytest
 
 from client.http import Client, run_load
 from model_store import cluster as cl
+from monitoring import prometheus
+from monitoring.queries import dashboard_queries
 from tests import deps
-from tests.integration.server import ROOT, build_archive
+from tests.integration.server import ROOT, build_archive, prom_query
+from tests.integration.test_metrics import send_mix
 
 pytestmark = pytest.mark.integration
-DEMO = ROOT / "model_store" / "fashion_mnist"
 KEY = "test-key-" + "k" * 24
+PROM_PORT = 19093
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, tiny_checkpoint, tiny_thresholds):
     deps.need_binary("haproxy", "haproxy")
     tmp = tmp_path_factory.mktemp("cluster")
     store = tmp / "model_store"
     store.mkdir()
-    build_archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")
+    build_archive(tiny_checkpoint, store, thresholds=tiny_thresholds)
     keys = tmp / "api_keys"
     keys.write_text(f"# test keys\n{KEY}\n")
     c = cl.Cluster(home=tmp / "cluster", replicas=3, gateway_port=18090, base_port=18100,
@@ -33,6 +41,25 @@ def cluster(tmp_path_factory):
         yield c, store
     finally:
         cl.stop(c)
+
+
+@dataclass
+class Gateway:
+    cluster: cl.Cluster
+
+    def client(self) -> Client:
+        return Client(self.cluster.gateway, KEY)
+
+
+@pytest.fixture(scope="module")
+def cluster_prometheus(cluster, tmp_path_factory, prometheus_installed):
+    c, _ = cluster
+    data = tmp_path_factory.mktemp("prom-cluster")
+    prometheus.start(c.home / "prometheus.yml", data, port=PROM_PORT)
+    try:
+        yield
+    finally:
+        prometheus.stop(data)
 
 
 def _image() -> bytes:
@@ -63,7 +90,7 @@ def test_the_gateway_answers_like_one_server_and_spreads_the_load(cluster):
     before = _served(c)
     results = run_load(Client(c.gateway, KEY), [_image()], concurrency=4, count=60)
     assert {r.status for r in results} == {200}
-    assert {r.body["label"] for r in results} == {"Ankle boot"}
+    assert len({(r.body["label"], r.body["embedding_dim"]) for r in results}) == 1  # one image, one answer
     after = _served(c)
     assert sorted(after) == ["replica0", "replica1", "replica2"]
     assert all(after[n] > before[n] for n in after), (before, after)
@@ -136,3 +163,25 @@ def test_one_prometheus_config_lists_every_replica(cluster):
     text = (c.home / "prometheus.yml").read_text()
     for r in c.members:
         assert f"127.0.0.1:{r.port('metrics')}" in text and f'replica: "{r.name}"' in text
+
+
+def test_every_dashboard_query_has_data_per_instance_and_summed(cluster, cluster_prometheus, test_images):
+    c, _ = cluster
+    gateway = Gateway(c)
+    instances = [f"127.0.0.1:{r.port('metrics')}" for r in c.members]
+    pending = {inst: dashboard_queries(variables={"instance": inst}) for inst in instances + [".+"]}
+    deadline = time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        send_mix(gateway, test_images)  # successes at several sizes, escalations, every error reason
+        run_load(gateway.client(), test_images, concurrency=4, count=40)
+        for inst in list(pending):
+            pending[inst] = [q for q in pending[inst] if not prom_query(PROM_PORT, q)["data"]["result"]]
+            if not pending[inst]:
+                del pending[inst]
+    assert not pending, f"dashboard queries without data: {pending}"
+    by_instance = dashboard_queries()[-1]
+    assert by_instance.startswith("sum by (instance)")
+    series = prom_query(PROM_PORT, by_instance)["data"]["result"]
+    assert sorted(s["metric"]["instance"] for s in series) == sorted(instances)
+    replicas = prom_query(PROM_PORT, "count by (replica) (up == 1)")["data"]["result"]
+    assert sorted(s["metric"]["replica"] for s in replicas) == [r.name for r in c.members]

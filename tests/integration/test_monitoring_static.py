@@ -89,7 +89,7 @@ def test_dashboard_has_stable_uid_and_datasource_variable():
 
 
 def test_every_panel_has_unit_description_and_datasource_variable():
-    assert len(panels()) == 9
+    assert len(panels()) == 10
     for panel in panels():
         title = panel["title"]
         assert panel["fieldConfig"]["defaults"].get("unit"), f"panel {title!r} has no unit"
@@ -112,7 +112,21 @@ def test_panel_units():
         "Latency": "s",
         "Queue time": "s",
         "Mean batch size": "short",
+        "Requests per second by instance": "reqps",
     }
+
+
+def test_every_query_follows_the_instance_variable():
+    """Replicas (make serve REPLICAS=N): each panel shows one instance or the sum over the chosen
+    ones. The drift threshold line is the exception: the alert compares the fleet with its past."""
+    raw = [t["expr"] for p in panels() for t in p["targets"]]
+    fleet = [e for e in raw if "avg_over_time(mrl:mean_dims:rate5m" in e]
+    assert len(fleet) == 1
+    for expr in raw:
+        if expr not in fleet:
+            selectors = re.findall(r"\{[^}]*\}", expr)
+            assert selectors and all('instance=~"$instance"' in s for s in selectors), expr
+    assert 'instance=~"127.0.0.1:8182"' in dashboard_queries(DASHBOARD, {"instance": "127.0.0.1:8182"})[0]
 
 
 def test_dashboard_queries_substitute_every_variable(tmp_path):
