@@ -48,6 +48,7 @@ class Replica:
     index: int
     home: Path        # its working directory: config, logs/, tmp/
     base_port: int
+    threads: int = 0  # intra-op threads of its workers (MRL_THREADS); 0: the handler's default
 
     @property
     def name(self) -> str:
@@ -62,9 +63,14 @@ class Replica:
 
     @property
     def env(self) -> dict[str, str]:
-        """TMPDIR keys TorchServe's pid file, TEMP its Java temp dir (archives unpack there)."""
+        """TMPDIR keys TorchServe's pid file, TEMP its Java temp dir (archives unpack there);
+        MRL_THREADS splits the cores between replicas (spinning OpenMP threads of several
+        processes on the same cores cost 5x in throughput here, bench/cluster.py)."""
         tmp = str(self.home / "tmp")
-        return {**os.environ, "TMPDIR": tmp, "TEMP": tmp}
+        env = {**os.environ, "TMPDIR": tmp, "TEMP": tmp}
+        if self.threads:
+            env |= {"MRL_THREADS": str(self.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+        return env
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,8 @@ class Cluster:
     base_worker_port: int = BASE_WORKER_PORT
 
     def replica(self, i: int) -> Replica:
-        return Replica(i, self.home / f"replica{i}", self.base_port + 10 * i)
+        threads = max(1, len(os.sched_getaffinity(0)) // self.replicas) if self.replicas > 1 else 0
+        return Replica(i, self.home / f"replica{i}", self.base_port + 10 * i, threads)
 
     @property
     def members(self) -> list[Replica]:
