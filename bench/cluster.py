@@ -49,6 +49,19 @@ def throughput(results, duration: float) -> dict:
             "p50_ms": round(statistics.median(lat), 1), "p99_ms": round(lat[int(0.99 * (len(lat) - 1))], 1)}
 
 
+def rss_mib(c: cl.Cluster) -> list[dict]:
+    """Resident memory of each replica: the Java frontend and its Python workers."""
+    import psutil
+
+    out = []
+    for r in c.members:
+        frontend = psutil.Process(int((r.home / "tmp" / ".model_server.pid").read_text().split()[0]))
+        workers = frontend.children(recursive=True)
+        out.append({"frontend": round(frontend.memory_info().rss / 2**20),
+                    "workers": round(sum(w.memory_info().rss for w in workers) / 2**20)})
+    return out
+
+
 def drill(c: cl.Cluster, store: Path, images: list[bytes], duration: float) -> dict:
     victim = c.replica(1)
     client = Client(c.gateway, KEY, timeout=30)
@@ -105,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                 for conc in (1, 16):
                     row[f"c{conc}"] = throughput(run_load(client, images, concurrency=conc, duration=args.duration),
                                                  args.duration)
+                row["rss_mib_per_replica_after_load"] = rss_mib(c)
                 report["throughput"][f"{n}_replicas"] = row
                 print(f"{n} replica(s): {json.dumps(row)}", flush=True)
                 if n == args.replicas and n > 1:

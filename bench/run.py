@@ -59,8 +59,9 @@ def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": str(torch.__version__),
-            "python": platform.python_version(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx": "amx_bf16" in flags}
+            "python": platform.python_version(), "avx2": "avx2" in flags.split(),
+            "avx512f": "avx512f" in flags.split(), "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags}
 
 
 def times_of(fn, repeat: int, warmup: int = 2) -> list[float]:
