@@ -17,7 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from calibration.methods import Point, fit_frontier, fit_greedy, fit_guaranteed, score
+import numpy as np
+
+from calibration.methods import Point, Thresholds, exits, fit_frontier, fit_greedy, fit_guaranteed, score
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect
 from handler.thresholds import SCHEMA
 
@@ -56,12 +58,40 @@ def frontier_vs_greedy(greedy: Point, frontier: list[Point], on_eval: list[Point
             "cheapest_on_eval": None if cheapest is None else as_dict(cheapest)}
 
 
+# The live alert's line for a point without an unlabeled guarantee: this factor times its holdout
+# disagreement with the 2048-d head, and never below the floor (monitoring/alerts.yml explains the
+# traffic guard that goes with it).
+ALERT_FACTOR = 2.0
+ALERT_FLOOR = 0.005
+
+
+def disagreement(out: Outputs, t: Thresholds) -> float:
+    """Share of samples whose answer under ``t`` differs from the 2048-d head's (no labels)."""
+    e = exits(out, t)
+    return float((out.pred[np.arange(len(e)), e] != out.pred[:, -1]).mean())
+
+
+def alert_line(method: str, params: dict, holdout_disagreement: float) -> float | None:
+    """The disagreement ratio above which MRLDisagreementAboveEpsilon fires for a point: epsilon
+    when the point guarantees disagreement (unlabeled), else ALERT_FACTOR x its holdout
+    disagreement, at least ALERT_FLOOR; None for a point that cannot disagree (fixed 2048)."""
+    if method == "fixed":
+        return None
+    if method == "guaranteed" and params.get("unlabeled"):
+        return float(params["epsilon"])
+    return round(max(ALERT_FACTOR * holdout_disagreement, ALERT_FLOOR), 6)
+
+
 def thresholds_doc(out: Outputs, scored: dict, frontier: list[Point], args: argparse.Namespace) -> dict:
     keys = [str(m) for m in out.nesting[:-1]]
     ops = {}
     for name, (t, method, params, pt) in scored.items():
+        d = disagreement(out, t)
         ops[name] = {"thresholds": dict(zip(keys, t)), "method": method, "params": params,
-                     "holdout": {"top1": pt.top1, "expected_dims": pt.expected_dims}}
+                     "holdout": {"top1": pt.top1, "expected_dims": pt.expected_dims, "disagreement": d}}
+        line = alert_line(method, params, d)
+        if line is not None:
+            ops[name]["alert_disagreement"] = line
     return {
         "schema": SCHEMA,
         "default": DEFAULT_POINT[args.method],
@@ -164,6 +194,14 @@ def write_report(path: Path, out: Outputs, scored: dict, frontier: list[Point], 
               f"| {args.data} | " + " | ".join(f"{fixed[str(m)]:.4f}" for m in out.nesting) + " |"]
     if evals:
         lines.append(f"| {args.eval_data} | " + " | ".join(f"{evals['top1'][str(m)]:.4f}" for m in out.nesting) + " |")
+    lines += ["", "Live disagreement with the 2048-d head (no labels), and the line at which "
+              "MRLDisagreementAboveEpsilon fires (epsilon for an unlabeled guarantee, else "
+              f"{ALERT_FACTOR:g}x the holdout disagreement, at least {ALERT_FLOOR:g}):", "",
+              "| operating point | holdout disagreement | alert line |", "|---|---|---|"]
+    for name, (t, method, params, _pt) in scored.items():
+        d = disagreement(out, t)
+        line = alert_line(method, params, d)
+        lines.append(f"| {name} | {d:.4f} | {'-' if line is None else f'{line:.4f}'} |")
     lines += ["", "Thresholds (null = size skipped):", "", "| operating point | " +
               " | ".join(str(m) for m in out.nesting[:-1]) + " |", "|---|" + "---|" * (len(out.nesting) - 1)]
     for name, (t, *_rest) in scored.items():

@@ -17,7 +17,7 @@ from typing import Protocol, Sequence
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    kind: str  # "counter" or "histogram"
+    kind: str  # "counter", "histogram" or "gauge"
     labels: tuple[str, ...]
     help: str
     unit: str
@@ -29,6 +29,9 @@ METRICS = (
     MetricSpec("mrl_cascade_disagreements_total", "counter", ("model_name", "operating_point"),
                "Answered requests whose label differs from the 2048-d head's label (no labels needed).",
                "count"),
+    MetricSpec("mrl_disagreement_alert_ratio", "gauge", ("model_name", "operating_point"),
+               "The disagreement ratio above which the alert fires for this operating point (from the "
+               "thresholds file: epsilon, or a factor times the holdout disagreement).", "ratio"),
     MetricSpec("mrl_embedding_dims_total", "counter", ("model_name",),
                "Sum of the embedding sizes that answered requests; divide by exits for mean dims.", "count"),
     MetricSpec("mrl_cascade_escalations_total", "counter", ("model_name", "from_dim"),
@@ -50,7 +53,7 @@ STAGES = ("decode", "forward", "cascade")
 
 class MetricsSink(Protocol):
     def emit(self, name: str, value: float, labels: Sequence[str]) -> None:
-        """Add ``value`` to a counter, or observe it in a histogram, with labels in spec order."""
+        """Add ``value`` to a counter, observe it in a histogram or set a gauge, with labels in spec order."""
 
 
 class NullSink:
@@ -62,19 +65,24 @@ class PrometheusSink:
     """Records into a prometheus_client registry: for tests and in-process benchmarks."""
 
     def __init__(self, registry) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self._metrics = {}
         for spec in METRICS:
             if spec.kind == "counter":
                 self._metrics[spec.name] = Counter(spec.name.removesuffix("_total"), spec.help,
                                                    spec.labels, registry=registry)
+            elif spec.kind == "gauge":
+                self._metrics[spec.name] = Gauge(spec.name, spec.help, spec.labels, registry=registry)
             else:
                 self._metrics[spec.name] = Histogram(spec.name, spec.help, spec.labels, registry=registry)
 
     def emit(self, name: str, value: float, labels: Sequence[str]) -> None:
         metric = self._metrics[name].labels(*labels)
-        if SPECS[name].kind == "counter":
+        kind = SPECS[name].kind
+        if kind == "counter":
             metric.inc(value)
+        elif kind == "gauge":
+            metric.set(value)
         else:
             metric.observe(value)

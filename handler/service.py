@@ -163,6 +163,9 @@ class MRLService:
             self.sink.emit("mrl_cascade_exits_total", n, (self.name, dim, point))
         for point, n in disagree.items():  # zeros too: the ratio's numerator exists from the start
             self.sink.emit("mrl_cascade_disagreements_total", n, (self.name, point))
+            if point in self.points.alert_disagreement:  # the alert's line, beside the ratio it watches
+                self.sink.emit("mrl_disagreement_alert_ratio", self.points.alert_disagreement[point],
+                               (self.name, point))
         self.sink.emit("mrl_embedding_dims_total", int(result.exit_dim.sum()), (self.name,))
         for m, n in escalations.items():
             self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +29,9 @@ class OperatingPoints:
     points: dict[str, tuple[float | None, ...]]
     default: str
     meta: dict
+    # Per point, the live disagreement ratio with the 2048-d head above which the alert fires
+    # (fit_thresholds.py writes it; the server exports it as mrl_disagreement_alert_ratio).
+    alert_disagreement: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.default not in self.points:
@@ -62,6 +65,7 @@ def parse_thresholds(doc: dict, *, nesting: Sequence[int], checkpoint_sha256: st
                          f"serves {numerics!r}; calibrate with the numerics that serve")
     keys = [str(m) for m in nesting[:-1]]
     points: dict[str, tuple[float | None, ...]] = {}
+    alerts: dict[str, float] = {}
     for name, point in doc.get("operating_points", {}).items():
         if not name.replace("_", "").replace("-", "").isalnum() or len(name) > 32:
             raise ValueError(f"operating point name {name!r} must be 1-32 letters, digits, '_' or '-'")
@@ -74,9 +78,14 @@ def parse_thresholds(doc: dict, *, nesting: Sequence[int], checkpoint_sha256: st
                 raise ValueError(f"operating point {name!r}: threshold for size {k} must be in [0, 1] "
                                  f"or null, got {v!r}")
         points[name] = values
+        ratio = point.get("alert_disagreement")
+        if ratio is not None:
+            if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 < ratio <= 1.0):
+                raise ValueError(f"operating point {name!r}: alert_disagreement must be in (0, 1], got {ratio!r}")
+            alerts[name] = float(ratio)
     if not points:
         raise ValueError("thresholds file has no operating points")
-    return OperatingPoints(points, doc.get("default", ""), meta)
+    return OperatingPoints(points, doc.get("default", ""), meta, alerts)
 
 
 def load_thresholds(path: str | Path, **expect) -> OperatingPoints:

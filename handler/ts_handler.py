@@ -17,7 +17,7 @@ from handler.metrics import SPECS
 from handler.service import MRLService
 
 log = logging.getLogger(__name__)
-_TYPES = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM}
+_TYPES = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM, "gauge": MetricTypes.GAUGE}
 
 
 class TorchServeSink:

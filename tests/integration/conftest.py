@@ -30,7 +30,8 @@ def tiny_thresholds(tiny_checkpoint, tmp_path_factory):
     """Thresholds for the tiny random model, at levels that spread exits over several sizes."""
     keys = ["8", "16", "32", "64", "128", "256", "512", "1024"]
     doc = {"schema": SCHEMA, "default": "balanced",
-           "operating_points": {"balanced": {"thresholds": dict(zip(keys, [0.2, 0.18, 0.16, 0.15, 0.14, 0.13, 0.12, 0.11]))},
+           "operating_points": {"balanced": {"thresholds": dict(zip(keys, [0.2, 0.18, 0.16, 0.15, 0.14, 0.13, 0.12, 0.11])),
+                                             "alert_disagreement": 0.05},
                                 "exact": {"thresholds": dict.fromkeys(keys)}},
            "meta": {"nesting": [8, 16, 32, 64, 128, 256, 512, 1024, 2048],
                     "checkpoint_sha256": file_sha256(tiny_checkpoint), "numerics": "fp32"}}

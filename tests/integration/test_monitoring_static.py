@@ -44,7 +44,7 @@ def exported_metrics() -> set[str]:
     """Counter and histogram names declared to TorchServe: what it exports on :8082/metrics."""
     doc = yaml.safe_load((MONITORING / "ts_metrics.yaml").read_text())
     return {m["name"] for section in ("ts_metrics", "model_metrics")
-            for kind in ("counter", "histogram") for m in doc[section].get(kind, [])}
+            for kind in ("counter", "histogram", "gauge") for m in doc[section].get(kind, [])}
 
 
 def referenced_metrics(exprs: list[str]) -> set[str]:
@@ -61,7 +61,7 @@ def test_promtool_accepts_the_config():
 def test_promtool_accepts_the_rules():
     result = promtool("check", "rules", "monitoring/alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 @needs_promtool
@@ -89,7 +89,7 @@ def test_dashboard_has_stable_uid_and_datasource_variable():
 
 
 def test_every_panel_has_unit_description_and_datasource_variable():
-    assert len(panels()) == 10
+    assert len(panels()) == 11
     for panel in panels():
         title = panel["title"]
         assert panel["fieldConfig"]["defaults"].get("unit"), f"panel {title!r} has no unit"
@@ -113,6 +113,7 @@ def test_panel_units():
         "Queue time": "s",
         "Mean batch size": "short",
         "Requests per second by instance": "reqps",
+        "Disagreement with the 2048-d head": "percentunit",
     }
 
 
@@ -141,6 +142,15 @@ def test_dashboard_queries_substitute_every_variable(tmp_path):
         dashboard_queries(tmp_path / "broken.json")
 
 
+def test_handler_metrics_are_declared_to_torchserve_in_order():
+    """TorchServe drops undeclared metrics silently and matches label values by position."""
+    from handler.metrics import METRICS
+
+    doc = yaml.safe_load((MONITORING / "ts_metrics.yaml").read_text())["model_metrics"]
+    declared = {m["name"]: (kind, m["dimensions"]) for kind, ms in doc.items() for m in ms}
+    assert declared == {m.name: (m.kind, list(m.labels)) for m in METRICS}
+
+
 def test_queries_name_only_exported_metrics():
     exported = exported_metrics()
     assert {"mrl_cascade_exits_total", "ts_inference_latency_microseconds", "Requests2XX"} <= exported
@@ -162,8 +172,8 @@ def test_recorded_series_used_by_the_dashboard_are_recorded():
 def test_every_alert_has_severity_summary_and_description():
     doc = yaml.safe_load(RULES.read_text())
     alerts = [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
-    assert {a["alert"] for a in alerts} == {"MRLMeanDimsDrift", "MRLHighErrorRatio", "MRLForwardLatencyHigh",
-                                            "MRLNoTraffic"}
+    assert {a["alert"] for a in alerts} == {"MRLMeanDimsDrift", "MRLDisagreementAboveEpsilon", "MRLHighErrorRatio",
+                                            "MRLForwardLatencyHigh", "MRLNoTraffic"}
     for alert in alerts:
         assert alert["labels"]["severity"] in {"info", "warning", "critical"}, alert["alert"]
         assert alert["annotations"]["summary"] and alert["annotations"]["description"], alert["alert"]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from calibration.methods import fit_frontier, fit_greedy, fit_guaranteed, ltt_losses, pareto, score
+from calibration.methods import exits, fit_frontier, fit_greedy, fit_guaranteed, ltt_losses, pareto, score
 from calibration.outputs import Outputs
 
 
@@ -122,3 +122,20 @@ def test_frontier_vs_greedy_on_eval_data():
     assert cmp["at_greedy_holdout"] == {"top1": q.top1, "expected_dims": q.expected_dims}
     if cmp["cheapest_on_eval"] is not None:
         assert cmp["cheapest_on_eval"]["top1"] >= g_eval.top1
+
+
+def test_alert_lines_follow_the_documented_rule():
+    from calibration.fit_thresholds import ALERT_FACTOR, ALERT_FLOOR, alert_line, disagreement
+    # Two confident samples answer at 8 (one agrees with 2048, one does not), two escalate to 2048.
+    out = Outputs(conf=np.array([[0.9, 1.0], [0.9, 1.0], [0.2, 1.0], [0.2, 1.0]]),
+                  pred=np.array([[1, 1], [2, 5], [3, 6], [4, 4]]), labels=np.array([1, 5, 6, 4]),
+                  nesting=(8, 2048), meta={})
+    assert list(exits(out, [0.5])) == [0, 0, 1, 1]
+    assert disagreement(out, [0.5]) == 0.25
+    assert disagreement(out, [None]) == 0.0  # exact never disagrees
+    assert disagreement(out, [0.1]) == 0.5  # all answer at 8: samples 2 and 3 differ
+    assert alert_line("frontier", {}, 0.01) == ALERT_FACTOR * 0.01
+    assert alert_line("greedy", {}, 0.0001) == ALERT_FLOOR
+    assert alert_line("guaranteed", {"unlabeled": True, "epsilon": 0.02}, 0.0) == 0.02
+    assert alert_line("guaranteed", {"unlabeled": False, "epsilon": 0.02}, 0.004) == ALERT_FACTOR * 0.004
+    assert alert_line("fixed", {"dims": 2048}, 0.0) is None

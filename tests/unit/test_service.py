@@ -145,3 +145,16 @@ def test_disagreements_count_exactly_the_answers_that_differ_from_the_2048_head(
     assert value("balanced") == differ
     assert value("fixed_dim") == differ64  # dim=2048 adds 0, dim=64 its own disagreements
     assert value("exact") == 0.0  # emitted as an explicit zero
+
+
+def test_the_alert_line_is_exported_beside_the_ratio(tiny_checkpoint, gray_png):
+    registry = CollectorRegistry()
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    points = OperatingPoints({"balanced": (0.26,) + (None,) * 7, "exact": (None,) * 8}, "balanced", {},
+                             alert_disagreement={"balanced": 0.012})
+    svc = MRLService(model, card, points, name="m", sink=PrometheusSink(registry), batch_sizes=(8,))
+    svc.handle([{"body": gray_png}, {"body": gray_png, "operating_point": b"exact"}])
+    line = lambda p: registry.get_sample_value("mrl_disagreement_alert_ratio",  # noqa: E731
+                                               {"model_name": "m", "operating_point": p})
+    assert line("balanced") == 0.012
+    assert line("exact") is None  # no line: the alert cannot fire for exact

@@ -59,3 +59,14 @@ def test_missing_size_and_unknown_default_are_refused():
 def test_fixed_points_answer_at_the_largest_size():
     points = OperatingPoints.fixed(NESTING)
     assert points.points == {"fixed_2048": (None, None)} and not points.fitted
+
+
+def test_alert_lines_parse_and_bad_ones_are_refused():
+    d = doc()
+    d["operating_points"]["balanced"]["alert_disagreement"] = 0.012
+    assert parse(d).alert_disagreement == {"balanced": 0.012}
+    assert parse(doc()).alert_disagreement == {}  # older files: no line, no alert
+    for bad in (0, -0.1, 1.5, float("nan"), "0.01"):
+        d["operating_points"]["balanced"]["alert_disagreement"] = bad
+        with pytest.raises(ValueError, match="alert_disagreement must be in"):
+            parse(d)
