@@ -1,5 +1,6 @@
 """Replicas behind the HAProxy gateway (model_store/cluster.py): throughput at 1 and 16 clients for
-1 and N replicas side by side in one run, and a kill drill (SIGKILL one whole instance under load).
+1 and N replicas side by side in one run, normal clients' latency with and without slow-loris
+clients, and a kill drill (SIGKILL one whole instance under load).
 
     python -m bench.cluster                  # writes docs/scaling.json, prints the figures
     python -m bench.cluster --duration 10    # shorter phases
@@ -90,6 +91,39 @@ def drill(c: cl.Cluster, store: Path, images: list[bytes], duration: float) -> d
             "ready_to_up_in_gateway_s": round(up - ready, 2)}
 
 
+def slow_loris(c: cl.Cluster, images: list[bytes], duration: float, attackers: int = 64) -> dict:
+    """Normal clients' latency through the gateway with and without slow clients that hold
+    connections open by sending a request head one byte a second (HAProxy cuts them at 10 s)."""
+    import socket
+
+    client = Client(c.gateway, KEY, timeout=30)
+    quiet = throughput(run_load(client, images, concurrency=4, duration=duration), duration)
+    stop = threading.Event()
+    cut = [0]
+
+    def attacker() -> None:
+        head = b"POST /predictions/mrl_resnet50 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", c.gateway_port), timeout=30) as s:
+                    for byte in head + b"a" * 10_000:
+                        if stop.is_set():
+                            return
+                        s.sendall(bytes([byte]))
+                        time.sleep(1.0)
+            except OSError:
+                cut[0] += 1  # the gateway closed it: reconnect, as an attacker would
+
+    threads = [threading.Thread(target=attacker, daemon=True) for _ in range(attackers)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    attacked = throughput(run_load(client, images, concurrency=4, duration=duration), duration)
+    stop.set()
+    return {"attackers": attackers, "connections_cut": cut[0], "without": quiet, "with": attacked,
+            "p99_ratio": round(attacked["p99_ms"] / quiet["p99_ms"], 2)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--replicas", type=int, default=3)
@@ -122,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                 report["throughput"][f"{n}_replicas"] = row
                 print(f"{n} replica(s): {json.dumps(row)}", flush=True)
                 if n == args.replicas and n > 1:
+                    report["slow_loris"] = slow_loris(c, images, args.duration)
+                    print(f"slow loris: {json.dumps(report['slow_loris'])}", flush=True)
                     report["kill_drill"] = drill(c, store, images, 1.5 * args.duration)
                     print(f"kill drill: {json.dumps(report['kill_drill'])}", flush=True)
             finally:

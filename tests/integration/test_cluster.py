@@ -114,6 +114,23 @@ def test_health_answers_without_a_key(cluster):
             assert resp.status == 200
 
 
+def test_a_slow_client_is_cut_off_by_the_gateway(cluster):
+    """Slow-loris: a request head that never completes gets 408 after HAProxy's 10 s, and the
+    replicas never see it."""
+    import socket
+
+    c, _ = cluster
+    before = _access_lines(c)
+    with socket.create_connection(("127.0.0.1", c.gateway_port), timeout=30) as s:
+        s.sendall(b"POST /predictions/mrl_resnet50 HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no end of head
+        t0 = time.monotonic()
+        reply = s.recv(4096)
+        waited = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+    assert 9 <= waited <= 15, waited
+    assert _access_lines(c) == before
+
+
 def test_a_killed_replica_costs_at_most_its_in_flight_requests_and_rejoins(cluster):
     c, store = cluster
     victim = c.replica(1)
@@ -179,8 +196,7 @@ def test_every_dashboard_query_has_data_per_instance_and_summed(cluster, cluster
             if not pending[inst]:
                 del pending[inst]
     assert not pending, f"dashboard queries without data: {pending}"
-    by_instance = dashboard_queries()[-1]
-    assert by_instance.startswith("sum by (instance)")
+    (by_instance,) = [q for q in dashboard_queries() if q.startswith("sum by (instance)")]
     series = prom_query(PROM_PORT, by_instance)["data"]["result"]
     assert sorted(s["metric"]["instance"] for s in series) == sorted(instances)
     replicas = prom_query(PROM_PORT, "count by (replica) (up == 1)")["data"]["result"]
