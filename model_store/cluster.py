@@ -24,12 +24,14 @@ labelled ``replica``), and `make monitor REPLICAS=N` uses it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +97,10 @@ class Cluster:
 
     @property
     def stats_socket(self) -> Path:
-        return self.home / "gateway" / "haproxy.sock"
+        """HAProxy's admin socket: in the temp dir under a short name keyed by this cluster's folder,
+        since a Unix socket path must fit in 107 bytes and a checkout's path may not."""
+        key = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"mrl-haproxy-{key}.sock"
 
 
 def replica_config(cluster: Cluster, r: Replica, model_store: Path, load_models: str | None) -> Path:
