@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     proc = start(args.config, args.data_dir, args.port, args.timeout)
     url = f"http://127.0.0.1:{args.port}"
-    print(f"Prometheus is up at {url} (pid {proc.pid}), scraping TorchServe on 127.0.0.1:8082.\n"
+    print(f"Prometheus is up at {url} (pid {proc.pid}), scraping the targets of {os.path.relpath(args.config)}.\n"
           f"Targets: {url}/targets   Alerts: {url}/alerts   Log: {args.data_dir / LOG_FILE}\n"
           f"Dashboard for Grafana: monitoring/grafana/ (see the comments in its provisioning files).\n"
           f"Stop: python -m monitoring.prometheus stop")
