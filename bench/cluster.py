@@ -6,12 +6,12 @@ clients, and a kill drill (SIGKILL one whole instance under load).
     python -m bench.cluster --duration 10    # shorter phases
 
 The bundled Fashion-MNIST model (jit graph, as `make serve` builds it), PNG requests from
-fashion-mnist:test, all traffic on 127.0.0.1. Medians of per-second throughput within each phase.
+fashion-mnist:test, all traffic on 127.0.0.1. Throughput is answered requests over the phase;
+latencies are the phase's p50 and p99.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import subprocess
@@ -21,26 +21,14 @@ import threading
 import time
 from pathlib import Path
 
-from PIL import Image
-
-from bench.run import machine
+from bench.run import demo_inputs, machine
 from client.http import Client, run_load
 from model_store import cluster as cl
-from training.data import load_spec
+from model_store.serve import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "model_store" / "fashion_mnist"
 KEY = "bench-" + "b" * 26
-
-
-def bodies(n: int = 200) -> list[bytes]:
-    data = load_spec("fashion-mnist:test", limit=n)
-    out = []
-    for img in data.images:
-        buf = io.BytesIO()
-        Image.fromarray(img, "L").save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def throughput(results, duration: float) -> dict:
@@ -52,12 +40,9 @@ def throughput(results, duration: float) -> dict:
 
 def rss_mib(c: cl.Cluster) -> list[dict]:
     """Resident memory of each replica: the Java frontend and its Python workers."""
-    import psutil
-
     out = []
     for r in c.members:
-        frontend = psutil.Process(int((r.home / "tmp" / ".model_server.pid").read_text().split()[0]))
-        workers = frontend.children(recursive=True)
+        frontend, *workers = processes(r.env)
         out.append({"frontend": round(frontend.memory_info().rss / 2**20),
                     "workers": round(sum(w.memory_info().rss for w in workers) / 2**20)})
     return out
@@ -74,17 +59,13 @@ def drill(c: cl.Cluster, store: Path, images: list[bytes], duration: float) -> d
     in_flight = int(cl.gateway_stats(c)[victim.name]["scur"])
     killed = time.monotonic()
     cl.kill_replica(victim)
-    while not cl.gateway_stats(c)[victim.name]["status"].startswith("DOWN"):
-        time.sleep(0.05)
-    down = time.monotonic()
+    down = cl.wait_status(c, victim.name, "DOWN")
     t.join()
     failed = [r for r in out["results"] if r.status != 200]
     restart = time.monotonic()
     cl.start_replica(c, victim, store, ["mrl_resnet50"], timeout=300, load_models="mrl_resnet50.mar")
     ready = time.monotonic()
-    while not cl.gateway_stats(c)[victim.name]["status"].startswith("UP"):
-        time.sleep(0.05)
-    up = time.monotonic()
+    up = cl.wait_status(c, victim.name, "UP")
     return {"in_flight_at_kill": in_flight, "requests": len(out["results"]), "failed": len(failed),
             "failed_after_marked_down": sum(r.finished > down for r in failed),
             "marked_down_after_s": round(down - killed, 2), "restart_to_ready_s": round(ready - restart, 1),
@@ -130,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load phase")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "scaling.json")
     args = p.parse_args(argv)
-    images = bodies()
+    images = demo_inputs(200)
     report: dict = {"machine": machine(), "command": "python -m bench.cluster", "model": "fashion_mnist (jit)",
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "throughput": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.serve import ROOT, start as start_server, stop as stop_server, wait_ready, write_config
+from model_store.serve import ROOT, processes, start as start_server, stop as stop_server, wait_ready, write_config
 
 CLUSTER = ROOT / "logs" / "cluster"
 GATEWAY_PORT = 8080
@@ -67,7 +67,7 @@ class Replica:
     def env(self) -> dict[str, str]:
         """TMPDIR keys TorchServe's pid file, TEMP its Java temp dir (archives unpack there);
         MRL_THREADS splits the cores between replicas (spinning OpenMP threads of several
-        processes on the same cores cost 5x in throughput here, bench/cluster.py)."""
+        processes on the same cores cost 4.5x in throughput here, docs/scaling.md)."""
         tmp = str(self.home / "tmp")
         env = {**os.environ, "TMPDIR": tmp, "TEMP": tmp}
         if self.threads:
@@ -208,9 +208,9 @@ def start_gateway(cluster: Cluster, keys_file: Path) -> subprocess.Popen:
     cfg = gw / "haproxy.cfg"
     cfg.write_text(haproxy_config(cluster, acl))
     subprocess.run([HAPROXY, "-c", "-q", "-f", str(cfg)], check=True)
-    log = open(gw / "haproxy.log", "ab")
-    proc = subprocess.Popen([HAPROXY, "-W", "-f", str(cfg)], stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(gw / "haproxy.log", "ab") as log:  # the child keeps its own handle
+        proc = subprocess.Popen([HAPROXY, "-W", "-f", str(cfg)], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     _pid_file(cluster).write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -251,9 +251,9 @@ def kill_replica(r: Replica) -> list[int]:
     """SIGKILL a whole instance, frontend and workers, as a crash would; returns the pids killed."""
     import psutil
 
-    pid_file = Path(r.env["TMPDIR"]) / ".model_server.pid"
-    frontend = psutil.Process(int(pid_file.read_text().split()[0]))
-    victims = [frontend] + frontend.children(recursive=True)
+    victims = processes(r.env)
+    if not victims:
+        raise RuntimeError(f"{r.name} is not running (no TorchServe pid file in {r.env['TMPDIR']})")
     for p in victims:
         p.kill()
     psutil.wait_procs(victims, timeout=10)
@@ -272,6 +272,17 @@ def stop(cluster: Cluster) -> None:
         if not r.home.exists():
             break
         stop_server(r.home, env=r.env)
+
+
+def wait_status(cluster: Cluster, name: str, prefix: str, timeout: float = 60) -> float:
+    """Poll HAProxy until replica ``name``'s status starts with ``prefix`` (UP, DOWN); returns
+    time.monotonic() at that moment."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gateway_stats(cluster)[name]["status"].startswith(prefix):
+            return time.monotonic()
+        time.sleep(0.05)
+    raise TimeoutError(f"{name} not {prefix} after {timeout} s: {gateway_stats(cluster)[name]}")
 
 
 def gateway_stats(cluster: Cluster) -> dict[str, dict[str, str]]:

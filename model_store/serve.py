@@ -112,18 +112,24 @@ def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = N
     return time.monotonic() - t0
 
 
-def stop(root: Path = ROOT, env: dict[str, str] | None = None) -> None:
-    """Stop the TorchServe whose pid file lies in ``env``'s TMPDIR (one per temp dir) and wait
-    until its frontend and workers have exited."""
+def processes(env: dict[str, str] | None = None) -> list:
+    """The running TorchServe whose pid file lies in ``env``'s TMPDIR (TorchServe keeps one per
+    temp dir): its frontend, then its workers, as psutil processes; [] when none runs."""
     import psutil
 
     tmp = Path((env or os.environ).get("TMPDIR") or tempfile.gettempdir())
-    procs = []
     try:
         frontend = psutil.Process(int((tmp / ".model_server.pid").read_text().split()[0]))
-        procs = [frontend] + frontend.children(recursive=True)
+        return [frontend] + frontend.children(recursive=True)
     except (OSError, ValueError, psutil.Error):
-        pass
+        return []
+
+
+def stop(root: Path = ROOT, env: dict[str, str] | None = None) -> None:
+    """Stop the TorchServe of ``env``'s TMPDIR and wait until its frontend and workers have exited."""
+    import psutil
+
+    procs = processes(env)
     subprocess.run([TORCHSERVE, "--stop"], cwd=root, env=env, check=False, stdout=subprocess.DEVNULL)
     psutil.wait_procs(procs, timeout=10)  # workers exit a few seconds after the frontend
 

@@ -76,15 +76,6 @@ def _access_lines(c) -> int:
                for r in c.members)
 
 
-def _wait_status(c, name: str, prefix: str, timeout: float = 60) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cl.gateway_stats(c)[name]["status"].startswith(prefix):
-            return time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError(f"{name} not {prefix} after {timeout} s: {cl.gateway_stats(c)[name]}")
-
-
 def test_the_gateway_answers_like_one_server_and_spreads_the_load(cluster):
     c, _ = cluster
     before = _served(c)
@@ -146,7 +137,7 @@ def test_a_killed_replica_costs_at_most_its_in_flight_requests_and_rejoins(clust
     in_flight = int(cl.gateway_stats(c)[victim.name]["scur"])
     killed_at = time.monotonic()
     pids = cl.kill_replica(victim)
-    down_at = _wait_status(c, victim.name, "DOWN")
+    down_at = cl.wait_status(c, victim.name, "DOWN")
     t.join()
     results = out["results"]
     failed = [r for r in results if r.status != 200]
@@ -158,7 +149,7 @@ def test_a_killed_replica_costs_at_most_its_in_flight_requests_and_rejoins(clust
     assert sum(r.status == 200 for r in results if r.finished > down_at) > 0  # the others carried on
 
     cl.start_replica(c, victim, store, ["mrl_resnet50"], timeout=240, load_models="mrl_resnet50.mar")
-    _wait_status(c, victim.name, "UP")
+    cl.wait_status(c, victim.name, "UP")
     before = _served(c)[victim.name]
     assert {r.status for r in run_load(client, [_image()], concurrency=4, count=60)} == {200}
     assert _served(c)[victim.name] > before
