@@ -175,8 +175,9 @@ def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, bat
     return start("mrl_resnet50", 180, root=tmp, config=config, model_store=store, env=env)
 
 
-def serve_phase(tmp: Path, bodies: list[bytes], concurrency: int, duration: float, headers=None) -> dict:
-    client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
+def serve_phase(tmp: Path, bodies: list[bytes], concurrency: int, duration: float, headers=None,
+                model: str = "mrl_resnet50") -> dict:
+    client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], model, timeout=120)
     t0 = time.perf_counter()
     results = run_load(client, bodies, concurrency=concurrency, duration=duration, headers=headers)
     wall = time.perf_counter() - t0

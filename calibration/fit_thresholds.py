@@ -3,11 +3,17 @@
     python calibration/fit_thresholds.py --checkpoint CKPT --data fashion-mnist:holdout \\
         --out thresholds.json [--method greedy|frontier|guaranteed] [--max-drop 0.001] \\
         [--epsilon 0.005 --delta 0.1 [--unlabeled]] [--eval-data fashion-mnist:test]
+    python calibration/fit_thresholds.py --checkpoint CKPT --data capture:DIR --unlabeled \
+        [--since-hours 6] --out thresholds.json          # refit from the server's captured traffic
 
 Writes the thresholds file (several named operating points, the one of --method as default, and a
 meta block tying it to the checkpoint) and, beside it, a markdown report and a PNG plot of
 accuracy against expected dims. The forward pass is cached, so a refit with other options takes
 a moment. Rule (shared with the server): size m answers when its max softmax >= t_m.
+
+Captured traffic (``capture:DIR``, see handler/capture.py) carries no labels, so it needs
+``--unlabeled``: every operating point is then fit against the 2048-d head's answers, and the
+guaranteed point bounds disagreement with it by epsilon (with probability >= 1 - delta).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.methods import Point, Thresholds, exits, fit_frontier, fit_greedy, fit_guaranteed, score
-from calibration.outputs import DEFAULT_CACHE, Outputs, collect
+from calibration.outputs import DEFAULT_CACHE, Outputs, collect, is_capture
 from handler.thresholds import SCHEMA
 
 DEFAULT_POINT = {"greedy": "greedy", "frontier": "balanced", "guaranteed": "guaranteed"}
@@ -74,12 +80,13 @@ def disagreement(out: Outputs, t: Thresholds) -> float:
 def alert_line(method: str, params: dict, holdout_disagreement: float) -> float | None:
     """The disagreement ratio above which MRLDisagreementAboveEpsilon fires for a point: epsilon
     when the point guarantees disagreement (unlabeled), else ALERT_FACTOR x its holdout
-    disagreement, at least ALERT_FLOOR; None for a point that cannot disagree (fixed 2048)."""
+    disagreement, at least ALERT_FLOOR and at most 1; None for a point that cannot disagree
+    (fixed 2048)."""
     if method == "fixed":
         return None
     if method == "guaranteed" and params.get("unlabeled"):
         return float(params["epsilon"])
-    return round(max(ALERT_FACTOR * holdout_disagreement, ALERT_FLOOR), 6)
+    return round(min(max(ALERT_FACTOR * holdout_disagreement, ALERT_FLOOR), 1.0), 6)
 
 
 def thresholds_doc(out: Outputs, scored: dict, frontier: list[Point], args: argparse.Namespace) -> dict:
@@ -102,7 +109,9 @@ def thresholds_doc(out: Outputs, scored: dict, frontier: list[Point], args: argp
             "checkpoint_sha256": out.meta["checkpoint_sha256"],
             "numerics": out.meta["numerics"],
             "graph": out.meta["graph"],
-            "data": {"spec": args.data, "n": int(len(out.labels))},
+            "data": {"spec": args.data, "n": int(len(out.labels)),
+                     **({"labels": "none: fit against the 2048-d head's answers",
+                         "capture": out.meta["capture"]} if not out.labeled else {})},
             "rule": "size m answers when its max softmax >= t_m; null skips the size; the last size always answers",
             "holdout_top1": out.top1(),
             "frontier": [[round(p.expected_dims, 4), round(p.top1, 6)] for p in frontier],
@@ -162,6 +171,9 @@ def write_report(path: Path, out: Outputs, scored: dict, frontier: list[Point], 
              f"Holdout `{args.data}` ({len(out.labels)} images), numerics {out.meta['numerics']}, graph "
              f"{out.meta['graph']}; fit in {fit_seconds:.2f} s from cached outputs. Rule: size m answers when "
              "its max softmax >= t_m.", "",
+             *([f"Unlabeled data (captured traffic, {out.meta['capture']['files']} files): \"top-1\" on it "
+                "is agreement with the 2048-d head, and the guaranteed point bounds disagreement.", ""]
+               if not out.labeled else []),
              f"![accuracy vs expected dims]({png.name})", "",
              "| operating point | method | holdout top-1 | holdout dims |"
              + (f" {args.eval_data} top-1 | {args.eval_data} dims |" if evals else ""),
@@ -225,11 +237,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-data", help="also score every operating point on this data (report only)")
     p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
+    p.add_argument("--since-hours", type=float, default=None,
+                   help="capture data: only the records of the last N hours")
     p.add_argument("--no-cache", action="store_true")
     args = p.parse_args(argv)
     cache = None if args.no_cache else DEFAULT_CACHE
+    if is_capture(args.data) and not args.unlabeled:
+        p.error("captured traffic has no labels: add --unlabeled (every point is then fit against the "
+                "2048-d head's answers, and 'guaranteed' bounds disagreement with it)")
+    if args.since_hours is not None and not is_capture(args.data):
+        p.error("--since-hours applies to capture:DIR data only")
+    since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
 
-    out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache)
+    out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, since=since)
     t0 = time.perf_counter()
     scored, frontier, _ = fit_all(out, args)
     fit_seconds = time.perf_counter() - t0

@@ -3,6 +3,10 @@
 Images go through ``handler.preprocess`` and ``handler.engine.Engine`` with the card's numerics
 and the serving graph mode, so thresholds are fit on the numbers the server will see. Results are
 cached as .npz keyed by checkpoint hash, data spec, numerics and graph mode.
+
+A ``capture:DIR`` spec reads traffic the server captured instead (``handler/capture.py``): the
+numbers it served, with no labels. Its ``labels`` are then the 2048-d head's answers, so "top-1"
+on it means agreement with the full model, which is what ``--unlabeled`` calibration bounds.
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from handler.capture import read_capture
 from handler.checkpoint import file_sha256, load_mrl_resnet50, read_checkpoint
 from handler.engine import Engine, configure_threads, resolve_numerics
 from handler.preprocess import Normalizer, crop_image
 from training.data import load_spec
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "calibration"
+CAPTURE = "capture:"
 
 
 @dataclass
@@ -43,12 +49,38 @@ class Outputs:
     def top1(self) -> dict[str, float]:
         return {str(m): float(a) for m, a in zip(self.nesting, self.correct.mean(axis=0))}
 
+    @property
+    def labeled(self) -> bool:
+        return not self.meta.get("unlabeled", False)
+
+
+def is_capture(spec: str) -> bool:
+    return spec.startswith(CAPTURE)
+
+
+def from_capture(checkpoint: str | Path, spec: str, since: float | None = None) -> Outputs:
+    """Captured traffic for ``checkpoint`` as Outputs; labels are the 2048-d head's answers."""
+    sha = file_sha256(checkpoint)
+    card, _ = read_checkpoint(checkpoint)
+    cap = read_capture(spec[len(CAPTURE):], checkpoint_sha256=sha, since=since, nesting=card.nesting)
+    meta = {"checkpoint_sha256": sha, "data": spec, "numerics": cap.header["numerics"],
+            "card_numerics": card.numerics, "graph": cap.header.get("graph", "jit"),
+            "nesting": list(card.nesting), "n": len(cap.conf), "cached": False, "unlabeled": True,
+            "capture": {"files": cap.files, "skipped_lines": cap.skipped_lines,
+                        "first": float(cap.t.min()), "last": float(cap.t.max())}}
+    return Outputs(cap.conf, cap.pred, cap.pred[:, -1].astype(np.int64), card.nesting, meta)
+
 
 def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
-            batch_size: int = 250, cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True) -> Outputs:
+            batch_size: int = 250, cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True,
+            since: float | None = None) -> Outputs:
     """Run the model over ``spec`` (or read the cache) and return per-size confidences and labels.
 
-    ``numerics`` overrides the card's (the parity check runs one checkpoint both ways)."""
+    ``numerics`` overrides the card's (the parity check runs one checkpoint both ways). A
+    ``capture:DIR`` spec is read back from the server's traffic capture (records at or after the
+    Unix time ``since``), never cached."""
+    if is_capture(spec):
+        return from_capture(checkpoint, spec, since)
     sha = file_sha256(checkpoint)
     card, _ = read_checkpoint(checkpoint, numerics=numerics)  # the cache key needs only the card
     used = resolve_numerics(card.numerics)  # what a worker on this CPU serves (fp32 if no bf16)

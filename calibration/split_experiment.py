@@ -2,9 +2,11 @@
 
     python calibration/split_experiment.py --checkpoint CKPT --data fashion-mnist:holdout \\
         --eval-data fashion-mnist:test [--trials 200] [--epsilon 0.005 --delta 0.1] [--unlabeled]
+    python calibration/split_experiment.py --checkpoint CKPT --data capture:DIR --unlabeled \
+        [--cal-fraction 0.5]                 # captured traffic: split one pool
 
-Pools the two sets' cached outputs; each trial draws a calibration set of the holdout's size at
-random, fits Learn-then-Test thresholds on it, and measures the accuracy drop (or disagreement)
+Pools the two sets' cached outputs (or takes --data alone, calibrating on --cal-fraction of it);
+each trial draws a calibration set of the holdout's size at random, fits Learn-then-Test thresholds on it, and measures the accuracy drop (or disagreement)
 against the 2048-d model on the remaining images. The guarantee says the drop exceeds epsilon in
 at most a delta share of trials (up to the finite size of the evaluation part).
 """
@@ -16,7 +18,7 @@ import json
 import numpy as np
 
 from calibration.methods import exits, fit_guaranteed, ltt_losses
-from calibration.outputs import DEFAULT_CACHE, Outputs, collect
+from calibration.outputs import DEFAULT_CACHE, Outputs, collect, is_capture
 
 
 def run(pool: Outputs, cal_size: int, trials: int, epsilon: float, delta: float, unlabeled: bool,
@@ -46,18 +48,29 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--eval-data", required=True)
+    p.add_argument("--eval-data", default=None, help="pooled with --data; without it --data is split")
+    p.add_argument("--cal-fraction", type=float, default=0.5,
+                   help="without --eval-data: the share of --data each trial calibrates on")
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--epsilon", type=float, default=0.005)
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--unlabeled", action="store_true")
     p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
     args = p.parse_args(argv)
+    if is_capture(args.data) and not args.unlabeled:
+        p.error("captured traffic has no labels: add --unlabeled")
     a = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=DEFAULT_CACHE)
-    b = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=DEFAULT_CACHE)
-    pool = Outputs(np.concatenate([a.conf, b.conf]), np.concatenate([a.pred, b.pred]),
-                   np.concatenate([a.labels, b.labels]), a.nesting, a.meta)
-    result = run(pool, len(a.labels), args.trials, args.epsilon, args.delta, args.unlabeled)
+    if args.eval_data:
+        b = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=DEFAULT_CACHE)
+        pool = Outputs(np.concatenate([a.conf, b.conf]), np.concatenate([a.pred, b.pred]),
+                       np.concatenate([a.labels, b.labels]), a.nesting, a.meta)
+        cal_size = len(a.labels)
+    else:
+        if not 0 < args.cal_fraction < 1:
+            p.error(f"--cal-fraction must be in (0, 1), got {args.cal_fraction}")
+        pool, cal_size = a, int(round(args.cal_fraction * len(a.labels)))
+    result = run(pool, cal_size, args.trials, args.epsilon, args.delta, args.unlabeled)
+    result["data"] = args.data if not args.eval_data else f"{args.data} + {args.eval_data}"
     print(json.dumps(result))
     return result
 

@@ -25,6 +25,8 @@ class CascadeResult:
     confidence: torch.Tensor   # (B,) float32: max softmax of the answering head
     probs: torch.Tensor        # (B, C) float32: softmax of the answering head
     tried: torch.Tensor        # (B, S) bool: sizes evaluated by the cascade rule, up to the exit
+    size_conf: torch.Tensor    # (B, S) max softmax of every head (what traffic capture records)
+    size_label: torch.Tensor   # (B, S) argmax of every head
 
     def sizes_tried(self, nesting: Sequence[int]) -> list[list[int]]:
         return [[int(m) for m, t in zip(nesting, row) if t] for row in self.tried.tolist()]
@@ -75,4 +77,5 @@ def run_cascade(probs: torch.Tensor, thresholds: torch.Tensor, nesting: Sequence
     dims = torch.as_tensor(list(nesting), device=probs.device)
     return CascadeResult(exit_index=exit_index, exit_dim=dims[exit_index],
                          label=label[rows, exit_index], confidence=conf[rows, exit_index].float(),
-                         probs=probs[rows, exit_index].float(), tried=tried)
+                         probs=probs[rows, exit_index].float(), tried=tried,
+                         size_conf=conf, size_label=label)

@@ -53,6 +53,12 @@ def resolve_numerics(numerics: str, device: torch.device | str = "cpu") -> str:
     return numerics
 
 
+def threshold_numerics(numerics: str, device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The numerics a thresholds file may have been fit in to serve a card of ``numerics``: the
+    card's, or what this device serves it in (a refit here, or one from traffic captured here)."""
+    return tuple(dict.fromkeys((numerics, resolve_numerics(numerics, device))))
+
+
 class Engine:
     """Runs an MRL model with the card's numerics, in channels_last, in one of ``GRAPH_MODES``."""
 

@@ -3,7 +3,7 @@
 ``METRICS`` is the single list of what the handler exports; ``monitoring/ts_metrics.yaml`` declares
 the same set for TorchServe (a unit test keeps them equal) and README documents it. Label values
 are bounded: nesting sizes, operating-point names from the thresholds file, fixed stage names and
-``handler.errors.ERROR_REASONS``.
+``handler.errors.ERROR_REASONS`` and ``handler.capture.OUTCOMES``.
 
 TorchServe matches dimension values to names by position, so every sink call passes all labels in
 the order given here.
@@ -42,6 +42,9 @@ METRICS = (
                "Requests refused or failed, by bounded reason.", "count"),
     MetricSpec("mrl_stage_seconds", "histogram", ("model_name", "stage"),
                "Time a batch spent in one handler stage: decode, forward or cascade.", "seconds"),
+    MetricSpec("mrl_capture_records_total", "counter", ("model_name", "outcome"),
+               "Traffic-capture records by outcome: written, dropped (queue full) or failed (folder or "
+               "disk refused); only while capture is on.", "count"),
     MetricSpec("mrl_batches_total", "counter", ("model_name",),
                "Inference calls (batches) handled by the worker.", "count"),
     MetricSpec("mrl_batch_items_total", "counter", ("model_name",),

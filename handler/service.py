@@ -16,9 +16,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from handler.capture import CaptureConfig, TrafficCapture
 from handler.cascade import fixed_dim_row, run_cascade, threshold_rows
 from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
-from handler.engine import Engine, resolve_numerics
+from handler.engine import Engine, resolve_numerics, threshold_numerics
 from handler.errors import InputError
 from handler.metrics import MetricsSink, NullSink
 from handler.preprocess import MAX_PIXELS, Normalizer, crop_image, decode_image
@@ -36,7 +37,8 @@ class MRLService:
     def __init__(self, model, card: ModelCard, points: OperatingPoints, *, name: str = "mrl_resnet50",
                  device: str = "cpu", graph: str = "eager", batch_sizes: Sequence[int] = (1,),
                  sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS,
-                 channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True) -> None:
+                 channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True,
+                 capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None) -> None:
         self.card, self.points, self.name = card, points, name
         self.nesting = card.nesting
         self.sink = sink or NullSink()
@@ -56,6 +58,12 @@ class MRLService:
         rows = {name: list(t) for name, t in points.points.items()}
         rows.update({m: fixed_dim_row(self.nesting, m) for m in self.nesting})
         self._rows = {k: threshold_rows(r, 1)[0] for k, r in rows.items()}
+        self.capture = None
+        if capture is not None:
+            self.capture = TrafficCapture(capture, model=name, header={
+                "checkpoint_sha256": checkpoint_sha256, "numerics": numerics,
+                "nesting": list(self.nesting), "graph": self.engine.graph})
+            log.info("traffic capture on: %s (at most %.0f MiB)", capture.folder, capture.max_bytes / 2**20)
         if not points.fitted:
             log.warning("no fitted thresholds: every request is answered at %d dims "
                         "(operating_point=%s)", self.nesting[-1], points.default)
@@ -66,13 +74,14 @@ class MRLService:
         model_dir = Path(model_dir)
         ckpt = model_dir / "checkpoint.pt"
         model, card = load_mrl_resnet50(ckpt)
+        sha = file_sha256(ckpt)
         thresholds = model_dir / "thresholds.json"
         if thresholds.exists():
-            points = load_thresholds(thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
-                                     numerics=card.numerics)
+            points = load_thresholds(thresholds, nesting=card.nesting, checkpoint_sha256=sha,
+                                     numerics=threshold_numerics(card.numerics, kwargs.get("device", "cpu")))
         else:
             points = OperatingPoints.fixed(card.nesting)
-        return cls(model, card, points, **kwargs)
+        return cls(model, card, points, checkpoint_sha256=sha, **kwargs)
 
     def handle(self, items: Sequence[Mapping[str, Any]],
                headers: Sequence[Mapping[str, Any]] | None = None) -> list[tuple[int, dict]]:
@@ -125,6 +134,9 @@ class MRLService:
                     out[i] = (500, {"error": message} if i in v2 else
                               {"code": 500, "type": "InternalServerError", "message": message})
                     self.sink.emit("mrl_request_errors_total", 1, (self.name, "internal"))
+        if self.capture is not None:  # the writer's outcomes since the last batch, as counters
+            for outcome, n in self.capture.take_counts().items():
+                self.sink.emit("mrl_capture_records_total", n, (self.name, outcome))
         return out  # type: ignore[return-value]
 
     def _error(self, exc: InputError, v2: bool = False) -> tuple[int, dict]:
@@ -134,6 +146,8 @@ class MRLService:
     def _answer(self, probs: torch.Tensor, emb: torch.Tensor, opts: list[Options]) -> list[dict]:
         thresholds = torch.stack([self._rows[o.dim if o.dim is not None else o.operating_point] for o in opts])
         result = run_cascade(probs.cpu(), thresholds, self.nesting)
+        if self.capture is not None:  # a copy into a queue; a writer thread does the rest
+            self.capture.record(result.size_conf.float().numpy(), result.size_label.numpy())
         k_max = max(o.top_k for o in opts)
         top_p, top_i = result.probs.topk(k_max, dim=-1)
         classes = self.card.classes

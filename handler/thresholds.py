@@ -48,8 +48,9 @@ class OperatingPoints:
 
 
 def parse_thresholds(doc: dict, *, nesting: Sequence[int], checkpoint_sha256: str | None,
-                     numerics: str | None) -> OperatingPoints:
-    """Validate a thresholds document against the model that will serve it."""
+                     numerics: str | Sequence[str] | None) -> OperatingPoints:
+    """Validate a thresholds document against the model that will serve it. ``numerics`` is the
+    mode (or modes: the card's, and what this CPU serves it in) the file must have been fit in."""
     if doc.get("schema") != SCHEMA:
         raise ValueError(f"thresholds schema must be {SCHEMA!r}, got {doc.get('schema')!r}")
     meta = doc.get("meta", {})
@@ -60,9 +61,10 @@ def parse_thresholds(doc: dict, *, nesting: Sequence[int], checkpoint_sha256: st
     if checkpoint_sha256 is not None and fit_sha != checkpoint_sha256:
         raise ValueError(f"thresholds were fit on checkpoint sha256 {fit_sha} but the model is "
                          f"sha256 {checkpoint_sha256}; refit them with calibration/fit_thresholds.py")
-    if numerics is not None and meta.get("numerics") != numerics:
+    accepted = (numerics,) if isinstance(numerics, str) else tuple(numerics or ())
+    if accepted and meta.get("numerics") not in accepted:
         raise ValueError(f"thresholds were fit with numerics {meta.get('numerics')!r} but the model "
-                         f"serves {numerics!r}; calibrate with the numerics that serve")
+                         f"serves {' or '.join(map(repr, accepted))}; calibrate with the numerics that serve")
     keys = [str(m) for m in nesting[:-1]]
     points: dict[str, tuple[float | None, ...]] = {}
     alerts: dict[str, float] = {}

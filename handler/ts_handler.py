@@ -12,6 +12,7 @@ from http import HTTPStatus
 
 from ts.metrics.metric_type_enum import MetricTypes
 
+from handler.capture import CaptureConfig
 from handler.engine import configure_threads
 from handler.metrics import SPECS
 from handler.service import MRLService
@@ -46,7 +47,8 @@ class MRLHandler:
             graph=settings.get("graph", "eager"), batch_sizes=_warm_sizes(batch_size),
             channels_last=bool(settings.get("channels_last", True)),
             jpeg_draft=bool(settings.get("jpeg_draft", True)),
-            onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics))
+            onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics),
+            capture=CaptureConfig.from_settings(settings))
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s", context.model_name, device, threads,
                  self.service.engine.graph, self.service.card.numerics, batch_size,

@@ -9,13 +9,16 @@ Settings for dynamic batching and the graph mode go into the archive's model-con
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.engine import threshold_numerics
 from handler.thresholds import load_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,14 +36,22 @@ handler:
   jpeg_draft: {jpeg_draft}      # let libjpeg decode at a reduced scale before resizing
   onednn_fusion: {onednn_fusion}   # jit on CPU: oneDNN Graph fuses conv/add/relu partitions
 """
+CAPTURE_CONFIG = """\
+  capture_dir: {capture_dir}   # traffic capture for recalibration (handler/capture.py)
+  capture_max_mb: {capture_max_mb}   # this model's capture files, all workers together
+  capture_file_mb: {capture_file_mb}   # a file rotates past this size
+"""
 
 
 def build(args: argparse.Namespace) -> Path:
     ckpt = Path(args.checkpoint).resolve()
     model, card = load_mrl_resnet50(ckpt)  # fail here, not at serve time, if it does not load
+    if args.capture_dir:
+        CaptureConfig.from_settings({"capture_dir": args.capture_dir, "capture_max_mb": args.capture_max_mb,
+                                     "capture_file_mb": args.capture_file_mb})  # fail here, not in the worker
     if args.thresholds:
         load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
-                        numerics=card.numerics)
+                        numerics=threshold_numerics(card.numerics))
     else:
         print(f"warning: no thresholds given; {args.name} will answer every request at "
               f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)
@@ -51,7 +62,10 @@ def build(args: argparse.Namespace) -> Path:
         (stage / "checkpoint.pt").symlink_to(ckpt)
         settings = {**vars(args), "channels_last": str(args.channels_last).lower(),
                     "jpeg_draft": str(args.jpeg_draft).lower(), "onednn_fusion": str(args.onednn_fusion).lower()}
-        (stage / "model-config.yaml").write_text(MODEL_CONFIG.format(**settings))
+        config = MODEL_CONFIG.format(**settings)
+        if args.capture_dir:
+            config += CAPTURE_CONFIG.format(**{**settings, "capture_dir": json.dumps(str(Path(args.capture_dir).resolve()))})
+        (stage / "model-config.yaml").write_text(config)
         pkg = stage / "handler"
         shutil.copytree(ROOT / "handler", pkg, ignore=shutil.ignore_patterns("__pycache__", "ts_handler.py"))
         extra = [str(pkg)]
@@ -89,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full-size JPEG decode before resizing (the benchmark's baseline)")
     p.add_argument("--no-onednn-fusion", dest="onednn_fusion", action="store_false",
                    help="traced graph without oneDNN Graph fusion")
+    p.add_argument("--capture-dir", default=None,
+                   help="turn traffic capture on, into this folder (per-size max softmax and argmax "
+                        "per request, for fit_thresholds.py --unlabeled --data capture:DIR)")
+    p.add_argument("--capture-max-mb", type=float, default=256)
+    p.add_argument("--capture-file-mb", type=float, default=16)
     return p.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 
     python training/train_mrl.py --out runs/demo            # the Fashion-MNIST demo recipe (README)
     python training/train_mrl.py --out runs/demo --resume   # continue after an interruption
+    python training/train_mrl.py --init runs/a/final.pt --out runs/b ...   # warm start: more epochs
     python training/train_mrl.py --data han1000:train --out runs/han ...   # model_store/han1000/
 
 A run with the same arguments, seed and thread count on the same machine gives the same weights
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from handler.checkpoint import ModelCard, save_checkpoint
+from handler.checkpoint import ModelCard, file_sha256, read_checkpoint, save_checkpoint
 from handler.model import DEFAULT_NESTING, MRLResNet50
 from handler.preprocess import Normalizer, Preprocessing, crop_image
 from training.data import ArrayImages, DatasetInfo, dataset_info, load_spec
@@ -151,6 +152,16 @@ def train(args: argparse.Namespace) -> Path:
     spec = dataset_preprocessing(info, args.input_size)
     norm = Normalizer(spec)
 
+    init, init_state = None, None
+    if args.init:  # checked before the data loads: a wrong checkpoint fails at once
+        init_card, state = read_checkpoint(args.init)
+        if list(init_card.classes) != list(info.classes) or tuple(init_card.nesting) != DEFAULT_NESTING:
+            raise ValueError(f"--init {args.init}: its classes/nesting ({len(init_card.classes)} classes, "
+                             f"{init_card.nesting}) differ from {args.data}'s ({len(info.classes)}, "
+                             f"{DEFAULT_NESTING})")
+        init_state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        init = {"checkpoint": str(args.init), "sha256": file_sha256(args.init), "training": init_card.training}
+
     t0 = time.time()
     holdout_spec = args.holdout or args.data.rsplit(":", 1)[0] + ":holdout"
     train_set = load_spec(args.data, info.classes, limit=args.limit or None)
@@ -163,6 +174,9 @@ def train(args: argparse.Namespace) -> Path:
           f"({time.time() - t0:.1f}s)", flush=True)
 
     model = MRLResNet50(num_classes=len(info.classes), nesting=DEFAULT_NESTING, head=args.head)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+        print(f"warm start from {args.init} (fresh optimizer and schedule)", flush=True)
     model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = len(x_train) // args.batch_size  # drop the ragged last batch
@@ -223,6 +237,7 @@ def train(args: argparse.Namespace) -> Path:
         nesting=model.nesting, head=args.head, blurpool=False, numerics=args.precision,
         training={"command": recorded_command(args.argv),
                   "resumed": resumed,
+                  **({"init": init} if init else {}),
                   "recipe": recipe, "data": f"{args.data} ({len(x_train):,} images)",
                   "holdout": f"{holdout_spec} ({len(x_hold):,} images)",
                   "wall_time_s": round(elapsed), "machine": platform.processor() or platform.machine(),
@@ -247,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated c_m, one per size (default: all 1)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights (ours, or an official MRL one) with a "
+                        "fresh optimizer and schedule; the card records it and its own training")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after epoch N, leaving OUT/last.pt to --resume (training in time slices)")

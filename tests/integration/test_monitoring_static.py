@@ -61,7 +61,7 @@ def test_promtool_accepts_the_config():
 def test_promtool_accepts_the_rules():
     result = promtool("check", "rules", "monitoring/alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 @needs_promtool
@@ -89,7 +89,7 @@ def test_dashboard_has_stable_uid_and_datasource_variable():
 
 
 def test_every_panel_has_unit_description_and_datasource_variable():
-    assert len(panels()) == 11
+    assert len(panels()) == 12
     for panel in panels():
         title = panel["title"]
         assert panel["fieldConfig"]["defaults"].get("unit"), f"panel {title!r} has no unit"
@@ -114,6 +114,7 @@ def test_panel_units():
         "Mean batch size": "short",
         "Requests per second by instance": "reqps",
         "Disagreement with the 2048-d head": "percentunit",
+        "Traffic capture records by outcome": "cps",
     }
 
 
@@ -173,7 +174,7 @@ def test_every_alert_has_severity_summary_and_description():
     doc = yaml.safe_load(RULES.read_text())
     alerts = [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
     assert {a["alert"] for a in alerts} == {"MRLMeanDimsDrift", "MRLDisagreementAboveEpsilon", "MRLHighErrorRatio",
-                                            "MRLForwardLatencyHigh", "MRLNoTraffic"}
+                                            "MRLForwardLatencyHigh", "MRLNoTraffic", "MRLCaptureLosingRecords"}
     for alert in alerts:
         assert alert["labels"]["severity"] in {"info", "warning", "critical"}, alert["alert"]
         assert alert["annotations"]["summary"] and alert["annotations"]["description"], alert["alert"]

@@ -70,3 +70,10 @@ def test_alert_lines_parse_and_bad_ones_are_refused():
         d["operating_points"]["balanced"]["alert_disagreement"] = bad
         with pytest.raises(ValueError, match="alert_disagreement must be in"):
             parse(d)
+
+
+def test_a_file_fit_in_any_of_the_accepted_numerics_loads():
+    """The server accepts the card's numerics or the one this CPU serves it in, and names both."""
+    assert parse(doc(), numerics=("fp32", "bf16")).fitted
+    with pytest.raises(ValueError, match="serves 'fp32' or 'int8'"):
+        parse(doc(), numerics=("fp32", "int8"))

@@ -1,6 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+from handler.checkpoint import file_sha256
 from handler.model import MRLResNet50
 from handler.preprocess import Normalizer
 from tests.unit.test_data import needs_fashion_mnist
@@ -81,3 +83,22 @@ def test_training_is_reproducible_and_a_resumed_run_equals_a_straight_one(tmp_pa
 def test_the_recorded_command_leaves_out_the_time_slicing_flags():
     argv = ["--out", "runs/x", "--stop-after", "3", "--epochs", "25", "--resume", "--stop-after=4"]
     assert recorded_command(argv) == "python training/train_mrl.py --out runs/x --epochs 25"
+
+
+@needs_fashion_mnist
+def test_init_warm_starts_from_a_checkpoint_and_the_card_records_it(tmp_path, tiny_checkpoint):
+    # lr 0: the weights must stay the init's exactly (BN statistics still move in train mode).
+    common = ["--epochs", "1", "--limit", "64", "--batch-size", "32", "--lr", "0", "--init", str(tiny_checkpoint)]
+    final = train(parse_args(["--out", str(tmp_path / "warm"), *common]))
+    got = torch.load(final, weights_only=True)
+    init = torch.load(tiny_checkpoint, weights_only=True)
+    for k in ("conv1.weight", "layer4.2.conv3.weight", "fc.nesting_classifier_0.weight"):
+        assert torch.equal(got["state_dict"][k], init["state_dict"][k]), k
+    record = got["card"]["training"]["init"]
+    assert record["sha256"] == file_sha256(tiny_checkpoint) and record["training"] == init["card"]["training"]
+
+
+def test_init_refuses_a_checkpoint_of_other_classes(tmp_path, tiny_checkpoint):
+    with pytest.raises(ValueError, match="classes/nesting"):
+        train(parse_args(["--out", str(tmp_path / "x"), "--data", "han1000:train", "--limit", "64",
+                          "--init", str(tiny_checkpoint)]))

@@ -1,0 +1,263 @@
+"""Traffic capture: what each answered request's heads said, for label-free recalibration.
+
+Off by default. The ``handler`` block of an archive's model-config.yaml turns it on
+(``model_store/build_archive.py --capture-dir DIR``)::
+
+    capture_dir: /var/lib/mrl-serve/capture   # created if missing
+    capture_max_mb: 256                       # bound on this model's files in the folder
+    capture_file_mb: 16                       # a file rotates when it passes this size
+
+A record is one request's per-size max softmax and argmax and the time it was answered: never the
+image, the body, the headers or anything that names a client. Files are JSON lines,
+``capture-<model>-<UTC time>-<pid>.jsonl`` (names sort by age); the first line is a header that
+ties the records to the checkpoint (sha256), nesting and numerics that produced them, so
+``fit_thresholds.py --unlabeled --data capture:DIR`` refits for exactly that model.
+
+The request path only copies two small arrays into a bounded queue; a writer thread formats and
+appends them in batches. Nothing here can fail a request: a full queue, an unwritable folder or a
+full disk lose records, and each lost record is counted (``mrl_capture_records_total{outcome}``)
+and logged (at most once a minute). After an error the writer retries the folder every
+``RETRY_S`` seconds, so fixing it resumes capture without a restart.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "mrl-serve-capture/1"
+OUTCOMES = ("written", "dropped", "failed")  # dropped: queue full; failed: the folder or disk refused
+QUEUE_BATCHES = 1024   # batches waiting for the writer before new ones are dropped
+FLUSH_S = 1.0          # the writer appends at least this often while records arrive
+RETRY_S = 30.0         # after a write error, wait this long before trying the folder again
+WARN_EVERY_S = 60.0
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    folder: Path
+    max_bytes: int = 256 << 20
+    file_bytes: int = 16 << 20
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "CaptureConfig | None":
+        """The model-config ``handler`` block's capture settings; None when capture is off."""
+        folder = settings.get("capture_dir")
+        if not folder:
+            return None
+        max_mb, file_mb = float(settings.get("capture_max_mb", 256)), float(settings.get("capture_file_mb", 16))
+        if not (0 < file_mb <= max_mb):
+            raise ValueError(f"capture needs 0 < capture_file_mb <= capture_max_mb, got {file_mb} and {max_mb}")
+        return cls(Path(folder), int(max_mb * 2**20), int(file_mb * 2**20))
+
+
+class TrafficCapture:
+    """Appends per-request (conf, pred) rows to rotating JSON-lines files from a background thread."""
+
+    def __init__(self, config: CaptureConfig, *, model: str, header: dict) -> None:
+        self.config, self.model = config, model
+        self.header = {"schema": SCHEMA, "model": model, **header}
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(OUTCOMES, 0)
+        self._reported = dict.fromkeys(OUTCOMES, 0)
+        self._file = None
+        self._file_bytes = 0
+        self._retry_at = 0.0
+        self._warned_at: dict[str, float] = {}
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mrl-capture", daemon=True)
+        self._thread.start()
+
+    # --- request path ------------------------------------------------------------------------
+
+    def record(self, conf: np.ndarray, pred: np.ndarray) -> None:
+        """Queue one batch: conf (B, S) max softmax and pred (B, S) argmax per size. Never blocks."""
+        try:
+            self._queue.put_nowait((time.time(), conf, pred))
+        except queue.Full:
+            self._count("dropped", len(conf), "the capture queue is full (the disk is slower than traffic)")
+
+    def take_counts(self) -> dict[str, int]:
+        """Records per outcome since the last call: the request thread emits them as metrics."""
+        with self._lock:
+            delta = {k: self._counts[k] - self._reported[k] for k in OUTCOMES}
+            self._reported = dict(self._counts)
+        return {k: v for k, v in delta.items() if v}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued and stop the writer."""
+        self._closed.set()
+        self._thread.join(timeout)
+
+    # --- writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pending: list[tuple[float, np.ndarray, np.ndarray]] = []
+        last = time.monotonic()
+        while not (self._closed.is_set() and self._queue.empty()):
+            try:
+                pending.append(self._queue.get(timeout=0.2))
+            except queue.Empty:
+                pass
+            if pending and (time.monotonic() - last >= FLUSH_S or len(pending) >= 64 or self._closed.is_set()):
+                self._write(pending)
+                pending, last = [], time.monotonic()
+        if pending:
+            self._write(pending)
+        if self._file is not None:
+            self._file.close()
+
+    def _write(self, batches: list[tuple[float, np.ndarray, np.ndarray]]) -> None:
+        n = sum(len(c) for _, c, _ in batches)
+        if time.monotonic() < self._retry_at:
+            self._count("failed", n, None)
+            return
+        lines = "".join(json.dumps({"t": round(t, 3), "conf": [round(float(v), 5) for v in c],
+                                    "pred": [int(v) for v in p]}, separators=(",", ":")) + "\n"
+                        for t, conf, pred in batches for c, p in zip(conf, pred))
+        data = lines.encode()
+        try:
+            if self._file is None or self._file_bytes + len(data) > self.config.file_bytes:
+                self._rotate()
+            self._file.write(data)
+            self._file.flush()
+            self._file_bytes += len(data)
+        except OSError as exc:
+            self._retry_at = time.monotonic() + RETRY_S
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+                self._file = None
+            self._count("failed", n, f"cannot write to {self.config.folder} ({exc}); "
+                                     f"retrying in {RETRY_S:.0f} s, requests are still answered")
+            return
+        self._count("written", n, None)
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        folder = self.config.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        path = folder / f"capture-{self.model}-{stamp}-{os.getpid()}.jsonl"
+        header = (json.dumps({**self.header, "created": time.time()}) + "\n").encode()
+        f = open(path, "ab")
+        try:
+            f.write(header)
+            f.flush()
+        except OSError:
+            f.close()
+            raise
+        self._file, self._file_bytes = f, len(header)
+        self._prune(keep=path)
+
+    def _prune(self, keep: Path) -> None:
+        """Delete this model's oldest files until the folder's total is within max_bytes."""
+        files = sorted(self.config.folder.glob(f"capture-{self.model}-*.jsonl"))
+        sizes = {}
+        for p in files:
+            try:
+                sizes[p] = p.stat().st_size
+            except FileNotFoundError:  # another worker pruned it
+                pass
+        total = sum(sizes.values())
+        for p in sizes:
+            if total <= self.config.max_bytes - self.config.file_bytes or p == keep:
+                break
+            try:
+                p.unlink()
+                total -= sizes[p]
+            except FileNotFoundError:
+                total -= sizes[p]
+
+    def _count(self, outcome: str, n: int, warning: str | None) -> None:
+        with self._lock:
+            self._counts[outcome] += n
+        now = time.monotonic()
+        if warning and now - self._warned_at.get(outcome, -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned_at[outcome] = now
+            log.warning("traffic capture lost %d record(s): %s", n, warning)
+
+
+@dataclass
+class Captured:
+    """Records read back from a capture folder: conf/pred (N, S), t (N,), and their header."""
+
+    conf: np.ndarray
+    pred: np.ndarray
+    t: np.ndarray
+    header: dict
+    files: int
+    skipped_lines: int
+
+
+def read_capture(folder: str | Path, *, checkpoint_sha256: str | None = None, since: float | None = None,
+                 nesting: Sequence[int] | None = None) -> Captured:
+    """All records in ``folder`` for one checkpoint, oldest first; ``since`` (a Unix time) keeps the
+    newer ones. Files from other checkpoints are skipped; if none match, the error names what the
+    folder holds. A torn last line (a worker killed mid-write) is skipped and counted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"capture folder {folder} does not exist")
+    conf, pred, ts, header, files, skipped, seen = [], [], [], None, 0, 0, set()
+    for path in sorted(folder.glob("capture-*.jsonl")):
+        lines = iter(path.read_text(errors="replace").splitlines())
+        try:
+            head = json.loads(next(lines))
+        except (StopIteration, json.JSONDecodeError):
+            skipped += 1
+            continue
+        if head.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: capture schema must be {SCHEMA!r}, got {head.get('schema')!r}")
+        seen.add(head.get("checkpoint_sha256"))
+        if checkpoint_sha256 is not None and head.get("checkpoint_sha256") != checkpoint_sha256:
+            continue
+        if header is None:
+            header = head
+        elif (head.get("checkpoint_sha256"), head.get("numerics"), head.get("nesting")) != \
+                (header.get("checkpoint_sha256"), header.get("numerics"), header.get("nesting")):
+            raise ValueError(f"{folder} mixes captures of different models or numerics "
+                             f"({path.name}); pass --checkpoint to pick one, or split the folder")
+        files += 1
+        width = len(head["nesting"])
+        for row in _rows(lines):
+            if row is None or len(row[1]) != width or len(row[2]) != width:
+                skipped += 1
+            elif since is None or row[0] >= since:
+                ts.append(row[0])
+                conf.append(row[1])
+                pred.append(row[2])
+    if header is None:
+        raise ValueError(f"{folder} has no capture for checkpoint sha256 {checkpoint_sha256}; "
+                         f"it holds captures of {sorted(map(str, seen)) or 'nothing'}")
+    s = len(header["nesting"])
+    if nesting is not None and list(header["nesting"]) != list(nesting):
+        raise ValueError(f"{folder} was captured with nesting {header['nesting']}, the model has {list(nesting)}")
+    if not conf:
+        raise ValueError(f"{folder}: no records" + ("" if since is None else " in the time asked for"))
+    return Captured(np.asarray(conf, dtype=np.float32).reshape(-1, s), np.asarray(pred, dtype=np.int32).reshape(-1, s),
+                    np.asarray(ts), header, files, skipped)
+
+
+def _rows(lines: Iterator[str]) -> Iterator[tuple[float, list, list] | None]:
+    for line in lines:
+        try:
+            r = json.loads(line)
+            yield float(r["t"]), r["conf"], r["pred"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            yield None

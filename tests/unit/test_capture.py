@@ -1,0 +1,191 @@
+"""Traffic capture: what is written, rotation and its bound, failures that never fail a request,
+reading it back, and refitting thresholds from it (fit_thresholds --unlabeled --data capture:DIR)."""
+import errno
+import json
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calibration import fit_thresholds, split_experiment
+from calibration.outputs import collect
+from handler import capture as capture_mod
+from handler.capture import CaptureConfig, TrafficCapture, read_capture
+from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.service import MRLService
+from handler.thresholds import OperatingPoints, load_thresholds
+from tests.conftest import encode
+
+S = 9
+HEADER = {"checkpoint_sha256": "abc", "numerics": "fp32", "nesting": [8, 16, 32, 64, 128, 256, 512, 1024, 2048]}
+
+
+def batch(rng, n):
+    return rng.random((n, S), dtype=np.float32), rng.integers(0, 1000, (n, S), dtype=np.int64)
+
+
+def unwritable(tmp_path):
+    """A folder no process can create, root included: its parent is a regular file."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    return blocker / "capture"
+
+
+def test_records_round_trip_with_header_and_no_request_data(tmp_path):
+    rng = np.random.default_rng(0)
+    cap = TrafficCapture(CaptureConfig(tmp_path), model="m", header=HEADER)
+    batches = [batch(rng, n) for n in (1, 8, 3)]
+    for conf, pred in batches:
+        cap.record(conf, pred)
+    cap.close()
+    assert cap.take_counts() == {"written": 12}
+    got = read_capture(tmp_path, checkpoint_sha256="abc")
+    conf = np.concatenate([c for c, _ in batches])
+    pred = np.concatenate([p for _, p in batches])
+    np.testing.assert_allclose(got.conf, conf, atol=5e-6)
+    np.testing.assert_array_equal(got.pred, pred)
+    assert got.header["model"] == "m" and got.header["nesting"] == HEADER["nesting"]
+    [f] = tmp_path.glob("capture-m-*.jsonl")
+    rows = [json.loads(line) for line in f.read_text().splitlines()[1:]]
+    assert {tuple(sorted(r)) for r in rows} == {("conf", "pred", "t")}  # nothing else per request
+
+
+def test_rotation_keeps_the_folder_within_its_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(capture_mod, "FLUSH_S", 0.0)
+    rng = np.random.default_rng(1)
+    config = CaptureConfig(tmp_path, max_bytes=40_000, file_bytes=10_000)
+    cap = TrafficCapture(config, model="m", header=HEADER)
+    for _ in range(60):  # ~150 bytes a record: about 90 kB in all, 9 files' worth
+        conf, pred = batch(rng, 10)
+        cap.record(conf, pred)
+    cap.close()
+    files = sorted(tmp_path.glob("capture-m-*.jsonl"))
+    assert len(files) >= 3
+    assert sum(f.stat().st_size for f in files) <= config.max_bytes
+    assert all(f.stat().st_size <= config.file_bytes for f in files)
+    got = read_capture(tmp_path)
+    assert 0 < len(got.conf) < 600  # the oldest files went, the newest records stayed
+    np.testing.assert_array_equal(got.pred[-10:], pred)
+
+
+def test_unwritable_folder_counts_failures_and_never_raises(tmp_path):
+    cap = TrafficCapture(CaptureConfig(unwritable(tmp_path)), model="m", header=HEADER)
+    cap.record(*batch(np.random.default_rng(2), 5))
+    cap.close()
+    assert cap.take_counts() == {"failed": 5}
+
+
+def test_full_disk_fails_records_then_recovers(tmp_path, monkeypatch):
+    monkeypatch.setattr(capture_mod, "RETRY_S", 0.0)
+    cap = TrafficCapture(CaptureConfig(tmp_path), model="m", header=HEADER)
+    real_rotate, full = cap._rotate, [True]
+
+    def rotate():
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_rotate()
+
+    monkeypatch.setattr(cap, "_rotate", rotate)
+    rng = np.random.default_rng(3)
+    cap.record(*batch(rng, 4))
+    while not cap._counts["failed"]:
+        threading.Event().wait(0.05)
+    full[0] = False
+    cap.record(*batch(rng, 6))
+    cap.close()
+    assert cap.take_counts() == {"failed": 4, "written": 6}
+    assert len(read_capture(tmp_path).conf) == 6
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path, monkeypatch):
+    monkeypatch.setattr(capture_mod, "QUEUE_BATCHES", 2)
+    cap = TrafficCapture(CaptureConfig(tmp_path), model="m", header=HEADER)
+    gate = threading.Event()
+    real_write = cap._write
+    monkeypatch.setattr(cap, "_write", lambda b: (gate.wait(), real_write(b)))
+    rng = np.random.default_rng(4)
+    for _ in range(10):  # the writer holds at most one batch, the queue two: the rest are dropped
+        cap.record(*batch(rng, 1))
+    dropped = cap.take_counts().get("dropped", 0)
+    gate.set()
+    cap.close()
+    written = cap.take_counts()["written"]
+    assert dropped >= 7 and dropped + written == 10
+
+
+def test_reader_skips_torn_lines_and_other_checkpoints_and_names_what_it_holds(tmp_path):
+    rng = np.random.default_rng(5)
+    for sha in ("abc", "def"):
+        cap = TrafficCapture(CaptureConfig(tmp_path), model=f"m{sha}", header={**HEADER, "checkpoint_sha256": sha})
+        cap.record(*batch(rng, 3))
+        cap.close()
+    [f] = tmp_path.glob("capture-mabc-*.jsonl")
+    with f.open("a") as fh:
+        fh.write('{"t": 1.0, "conf": [0.5')  # a worker killed mid-write
+    got = read_capture(tmp_path, checkpoint_sha256="abc")
+    assert (len(got.conf), got.skipped_lines, got.files) == (3, 1, 1)
+    with pytest.raises(ValueError, match="mixes captures"):
+        read_capture(tmp_path)
+    with pytest.raises(ValueError, match="holds captures of.*abc.*def"):
+        read_capture(tmp_path, checkpoint_sha256="0123")
+    with pytest.raises(ValueError, match="no records in the time"):
+        read_capture(tmp_path, checkpoint_sha256="abc", since=got.t.max() + 10)
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [encode(Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L")) for _ in range(n)]
+
+
+@pytest.fixture
+def captured(tiny_checkpoint, tmp_path):
+    """A service with capture on, after answering 60 images; its responses at dim=2048 beside."""
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    points = OperatingPoints({"balanced": (0.3,) * 8}, "balanced", {})
+    folder = tmp_path / "capture"
+    svc = MRLService(model, card, points, name="tiny", capture=CaptureConfig(folder),
+                     checkpoint_sha256=file_sha256(tiny_checkpoint))
+    imgs = images(60)
+    answers = [body for i in range(0, 60, 6) for _, body in svc.handle([{"body": b} for b in imgs[i:i + 6]])]
+    svc.capture.close()
+    full = [body for i in range(0, 60, 6)
+            for _, body in MRLService(model, card, points).handle([{"body": b, "dim": b"2048"} for b in imgs[i:i + 6]])]
+    return folder, answers, full
+
+
+def test_the_service_captures_what_its_heads_said(tiny_checkpoint, captured):
+    folder, answers, full = captured
+    got = read_capture(folder, checkpoint_sha256=file_sha256(tiny_checkpoint))
+    assert len(got.conf) == 60 and got.header["numerics"] == "fp32"
+    np.testing.assert_array_equal(got.pred[:, -1], [b["class_index"] for b in full])
+    at = [got.header["nesting"].index(b["embedding_dim"]) for b in answers]
+    np.testing.assert_array_equal(got.pred[np.arange(60), at], [b["class_index"] for b in answers])
+    np.testing.assert_allclose(got.conf[np.arange(60), at], [b["confidence"] for b in answers], atol=1e-5)
+
+
+def test_refit_from_capture_gives_thresholds_the_server_accepts(tiny_checkpoint, captured, tmp_path):
+    folder, _, _ = captured
+    out = tmp_path / "refit.json"
+    with pytest.raises(SystemExit):  # no labels: --unlabeled is required
+        fit_thresholds.main(["--checkpoint", str(tiny_checkpoint), "--data", f"capture:{folder}", "--out", str(out)])
+    doc = fit_thresholds.main(["--checkpoint", str(tiny_checkpoint), "--data", f"capture:{folder}",
+                               "--unlabeled", "--out", str(out), "--epsilon", "0.2", "--delta", "0.2"])
+    assert doc["meta"]["data"]["n"] == 60 and "2048-d head" in doc["meta"]["data"]["labels"]
+    assert doc["operating_points"]["guaranteed"]["params"]["unlabeled"] is True
+    assert doc["operating_points"]["guaranteed"]["alert_disagreement"] == 0.2
+    load_thresholds(out, nesting=doc["meta"]["nesting"], checkpoint_sha256=file_sha256(tiny_checkpoint),
+                    numerics="fp32")
+    # Its "labels" are the 2048-d answers: the exact point agrees with itself everywhere.
+    cap = collect(tiny_checkpoint, f"capture:{folder}")
+    assert cap.top1()["2048"] == 1.0 and not cap.labeled
+
+
+def test_split_experiment_runs_on_captured_traffic_alone(tiny_checkpoint, captured):
+    folder, _, _ = captured
+    result = split_experiment.main(["--checkpoint", str(tiny_checkpoint), "--data", f"capture:{folder}",
+                                    "--unlabeled", "--trials", "5", "--epsilon", "0.2", "--delta", "0.2"])
+    assert (result["cal_size"], result["eval_size"], result["trials"]) == (30, 30, 5)
+    assert 0.0 <= result["violation_rate"] <= 1.0 and result["unlabeled"]
+    with pytest.raises(SystemExit):  # captured traffic has no labels
+        split_experiment.main(["--checkpoint", str(tiny_checkpoint), "--data", f"capture:{folder}"])
