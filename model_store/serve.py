@@ -3,6 +3,7 @@
     python -m model_store.serve start   # start, wait for READY, print a ready-to-paste curl
     python -m model_store.serve stop
     python -m model_store.serve token   # a fresh inference key (make token): keys expire after 60 min
+    python -m model_store.serve swap --model NAME --archive NAME-v2.mar   # hot swap (model API on)
 
 Run from the repository root: TorchServe writes logs/ and key_file.json (the tokens) there.
 """
@@ -134,13 +135,68 @@ def stop(root: Path = ROOT, env: dict[str, str] | None = None) -> None:
     psutil.wait_procs(procs, timeout=10)  # workers exit a few seconds after the frontend
 
 
+def _management(method: str, path: str, token: str | None, management: str, timeout: float = 600) -> dict:
+    req = urllib.request.Request(f"{management}{path}", method=method,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def swap(model: str, archive: str, root: Path = ROOT, management: str = MANAGEMENT, timeout: float = 600,
+         grace_s: float = 3.0) -> str:
+    """Hot swap: register ``archive`` (a file in the model store, built with the same model name
+    and a new --version) beside the running version, wait until its worker is READY, make it the
+    default, let the old versions drain, and unregister them. Requests keep being answered
+    throughout: by the old version until the default moves, by the new one after. Needs TorchServe's model API, which
+    config.properties turns off (enable_model_api=false); without it, rebuild and restart (or
+    roll a cluster replica by replica). Returns the new default version."""
+    token = read_keys(root)["management"]
+    old = [m["modelVersion"] for m in _management("GET", f"/models/{model}/all", token, management)]
+    try:
+        _management("POST", f"/models?url={archive}&initial_workers=1&synchronous=true", token, management, timeout)
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        if exc.code == 405 or ("api" in body.lower() and "disabled" in body.lower()):
+            raise SystemExit(f"TorchServe refused to register {archive}: the model API is off "
+                             f"(enable_model_api=false). Rebuild the archive and restart, or roll the "
+                             f"replicas; or serve with enable_model_api=true on a trusted management "
+                             f"network. TorchServe said: {body.strip()}") from None
+        raise SystemExit(f"TorchServe refused to register {archive} ({exc.code}): {body.strip()}") from None
+    versions = [m["modelVersion"] for m in _management("GET", f"/models/{model}/all", token, management)]
+    new = next(v for v in versions if v not in old)
+    _management("PUT", f"/models/{model}/{new}/set-default", token, management)
+    for v in old:
+        _drain(model, v, token, management, grace_s, timeout)
+        _management("DELETE", f"/models/{model}/{v}", token, management)
+    return new
+
+
+def _drain(model: str, version: str, token: str | None, management: str, grace_s: float, timeout: float) -> None:
+    """Wait until no request waits in ``version``'s queue, then ``grace_s`` for the batch in its
+    worker. TorchServe drops a version's queued and in-flight requests unanswered when the version
+    is unregistered (the clients hang until their own timeout): measured, tests/integration/test_swap.py."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _management("GET", f"/models/{model}/{version}", token, management)[0].get("jobQueueStatus", {})
+        if not status.get("pendingRequests", 0):
+            break
+        time.sleep(0.1)
+    time.sleep(grace_s)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=("start", "stop", "token"))
+    p.add_argument("action", choices=("start", "stop", "token", "swap"))
     p.add_argument("--model", action="append", default=None,
                    help="wait for this model to be READY (repeatable; default: the bundled models)")
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--archive", help="swap: the new version's .mar, in the model store")
     args = p.parse_args(argv)
+    if args.action == "swap":
+        if not (args.model and len(args.model) == 1 and args.archive):
+            p.error("swap needs one --model and --archive")
+        print(f"{args.model[0]}: version {swap(args.model[0], args.archive)} is now the default")
+        return
     if args.action == "stop":
         stop()
         return

@@ -42,10 +42,10 @@ class Server:
 
 def build_archive(checkpoint: Path, model_store: Path, *, thresholds: Path | None = None, name: str = "mrl_resnet50",
                   graph: str = "eager", batch_size: int = 8, batch_delay: int = 20, timeout: int = 30,
-                  capture_dir: Path | None = None) -> Path:
+                  capture_dir: Path | None = None, version: str = "1.0") -> Path:
     cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(checkpoint),
            "--name", name, "--export-path", str(model_store), "--graph", graph, "--batch-size", str(batch_size),
-           "--batch-delay", str(batch_delay), "--timeout", str(timeout)]
+           "--batch-delay", str(batch_delay), "--timeout", str(timeout), "--version", version]
     if thresholds:
         cmd += ["--thresholds", str(thresholds)]
     if capture_dir:

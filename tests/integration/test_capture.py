@@ -12,7 +12,7 @@ from handler.capture import FLUSH_S, read_capture
 from handler.cascade import exit_indices, threshold_rows
 from handler.checkpoint import file_sha256
 from handler.thresholds import load_thresholds
-from model_store.serve import start, stop, wait_ready, write_config
+from model_store.serve import start, stop, swap, wait_ready, write_config
 from tests.integration.server import PORTS, Server, build_archive
 from tests.integration.test_metrics import delta
 
@@ -74,3 +74,10 @@ def test_an_unwritable_capture_folder_answers_every_request_and_counts_the_loss(
     assert lost.get("written", 0) == 0 and 40 <= lost.get("failed", 0) <= 41, lost
     log = (server.root / "logs" / "model_log.log").read_text()
     assert "traffic capture lost" in log and "requests are still answered" in log
+
+
+def test_hot_swap_refuses_clearly_when_the_model_api_is_off(servers):
+    by_name, _ = servers
+    server = by_name[NAMES[0]]
+    with pytest.raises(SystemExit, match="the model API is off"):
+        swap(NAMES[0], f"{NAMES[1]}.mar", root=server.root, management=server.management)
