@@ -71,6 +71,27 @@ def from_capture(checkpoint: str | Path, spec: str, since: float | None = None) 
     return Outputs(cap.conf, cap.pred, cap.pred[:, -1].astype(np.int64), card.nesting, meta)
 
 
+def forward_spec(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
+                 batch_size: int = 250, progress: bool = True, limit: int | None = None):
+    """Run the model over a data spec the way a worker would (its preprocessing, Engine, numerics
+    and graph mode): yields ((B, S, C) probabilities, (B, 2048) embedding, the data set) per batch,
+    in order. Calibration keeps the probabilities; retrieval keeps the embeddings."""
+    configure_threads()
+    model, card = load_mrl_resnet50(checkpoint, numerics=numerics)
+    data = load_spec(spec, card.classes, limit=limit)
+    batch_size = min(batch_size, len(data))
+    engine = Engine(model, numerics=resolve_numerics(card.numerics), graph=graph,
+                    input_size=card.preprocessing.crop, batch_sizes=(batch_size,))
+    normalize = Normalizer(card.preprocessing)
+    bar = tqdm(total=len(data), desc=f"forward {spec}", unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(data), batch_size):
+        idx = range(start, min(start + batch_size, len(data)))
+        probs, emb = engine(normalize([crop_image(data[i][0], card.preprocessing) for i in idx]))
+        bar.update(len(idx))
+        yield probs, emb, data
+    bar.close()
+
+
 def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
             batch_size: int = 250, cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True,
             since: float | None = None) -> Outputs:
@@ -93,24 +114,13 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
         z = np.load(cached)
         return Outputs(z["conf"], z["pred"], z["labels"], card.nesting, {**meta, "n": len(z["labels"]), "cached": True})
 
-    configure_threads()
-    model, card = load_mrl_resnet50(checkpoint, numerics=numerics)
-    data = load_spec(spec, card.classes)
-    batch_size = min(batch_size, len(data))
-    engine = Engine(model, numerics=used, graph=graph, input_size=card.preprocessing.crop,
-                    batch_sizes=(batch_size,))
-    normalize = Normalizer(card.preprocessing)
     conf, pred = [], []
-    bar = tqdm(total=len(data), desc=f"forward {spec}", unit="img", disable=not progress, file=sys.stderr)
-    for start in range(0, len(data), batch_size):
-        idx = range(start, min(start + batch_size, len(data)))
-        crops = [crop_image(data[i][0], card.preprocessing) for i in idx]
-        probs, _ = engine(normalize(crops))
+    data = None
+    for probs, _emb, data in forward_spec(checkpoint, spec, graph=graph, numerics=numerics,
+                                          batch_size=batch_size, progress=progress):
         c, p = probs.max(dim=-1)
         conf.append(c.numpy())
         pred.append(p.numpy().astype(np.int32))
-        bar.update(len(idx))
-    bar.close()
     out = Outputs(np.concatenate(conf), np.concatenate(pred), np.asarray(data.labels, dtype=np.int64),
                   card.nesting, {**meta, "n": len(data), "cached": False})
     if cached:

@@ -1,0 +1,115 @@
+"""A gallery: the MRL embeddings of a data set, stored once, with a shortlist index per prefix size.
+
+    DIR/meta.json          format, checkpoint sha256, spec, n, numerics, graph, the indexed sizes
+    DIR/vectors.f16        (N, 2048) float16, memory-mapped: each row L2-normalised at 2048 dims
+    DIR/labels.npy         (N,) class index of each item
+    DIR/ids.npy            (N,) item id (the item's index in its data spec)
+    DIR/flat-{m}.faiss     exact inner-product index over the L2-normalised m-dim prefixes
+    DIR/hnsw-2048.faiss    FAISS HNSW over the 2048-d vectors (what a user would pick instead)
+
+Every prefix is normalised on its own (the MRL paper does the same): the direction of x[:m] does
+not depend on how x was scaled, so rows stored unit-length at 2048 give every prefix by slicing
+and renormalising. Scores are cosine similarities.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+FORMAT = "mrl-serve-gallery/1"
+EMBED_DIM = 2048
+SHORTLIST_DIMS = (8, 16, 32, 64)   # prefix sizes with a flat index: where funnels start
+HNSW_M = 32                        # neighbours per node (the paper's HNSW-32)
+
+
+def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def prefix(x: np.ndarray, m: int) -> np.ndarray:
+    """The first m dims of each row, renormalised."""
+    return np.ascontiguousarray(normalize(np.asarray(x)[..., :m]))
+
+
+@dataclass
+class Gallery:
+    folder: Path
+    vectors: np.ndarray            # (N, 2048) float16 memmap, unit rows
+    labels: np.ndarray
+    ids: np.ndarray
+    meta: dict
+    flat: dict[int, object] = field(default_factory=dict)   # m -> faiss.IndexFlatIP
+    hnsw: object | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def open(cls, folder: str | Path, *, checkpoint_sha256: str | None = None, hnsw: bool = True) -> "Gallery":
+        """Load a gallery; refuse one built from another checkpoint, naming both."""
+        import faiss
+
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder}: gallery format must be {FORMAT!r}, got {meta.get('format')!r}")
+        if checkpoint_sha256 is not None and meta["checkpoint_sha256"] != checkpoint_sha256:
+            raise ValueError(f"gallery {folder} was built from checkpoint sha256 {meta['checkpoint_sha256']} "
+                             f"but the model is sha256 {checkpoint_sha256}; rebuild it with "
+                             "retrieval/build_index.py")
+        n = meta["n"]
+        vectors = np.memmap(folder / "vectors.f16", dtype=np.float16, mode="r", shape=(n, EMBED_DIM))
+        flat = {m: faiss.read_index(str(folder / f"flat-{m}.faiss")) for m in meta["shortlist_dims"]}
+        index = faiss.read_index(str(folder / f"hnsw-{EMBED_DIM}.faiss")) if hnsw and meta.get("hnsw") else None
+        return cls(folder, vectors, np.load(folder / "labels.npy"), np.load(folder / "ids.npy"), meta, flat, index)
+
+    def rows(self, idx: np.ndarray, m: int) -> np.ndarray:
+        """Renormalised m-dim prefixes of the items ``idx`` (any shape), as float32 (..., m)."""
+        return prefix(self.vectors[np.asarray(idx).reshape(-1)], m).reshape(*np.shape(idx), m)
+
+
+def build(folder: str | Path, embeddings: np.ndarray, labels: Sequence[int], ids: Sequence[int], meta: dict, *,
+          shortlist_dims: Sequence[int] = SHORTLIST_DIMS, hnsw_m: int | None = HNSW_M,
+          ef_construction: int = 40, progress=None) -> Gallery:
+    """Write a gallery from (N, 2048) embeddings. ``meta`` names the checkpoint (sha256) and spec."""
+    import faiss
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(embeddings)
+    if embeddings.shape != (n, EMBED_DIM):
+        raise ValueError(f"embeddings must be (N, {EMBED_DIM}), got {embeddings.shape}")
+    if any(m not in range(1, EMBED_DIM + 1) for m in shortlist_dims):
+        raise ValueError(f"shortlist dims must lie in 1..{EMBED_DIM}, got {list(shortlist_dims)}")
+    vec = np.memmap(folder / "vectors.f16", dtype=np.float16, mode="w+", shape=(n, EMBED_DIM))
+    for lo in range(0, n, 8192):
+        vec[lo:lo + 8192] = normalize(embeddings[lo:lo + 8192]).astype(np.float16)
+    vec.flush()
+    np.save(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
+    np.save(folder / "ids.npy", np.asarray(ids, dtype=np.int64))
+    stored = np.asarray(vec)
+    for m in shortlist_dims:
+        index = faiss.IndexFlatIP(m)
+        for lo in range(0, n, 8192):
+            index.add(prefix(stored[lo:lo + 8192], m))
+        faiss.write_index(index, str(folder / f"flat-{m}.faiss"))
+    if hnsw_m:
+        index = faiss.IndexHNSWFlat(EMBED_DIM, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        for lo in range(0, n, 4096):
+            index.add(normalize(stored[lo:lo + 4096]))
+            if progress:
+                progress(min(lo + 4096, n))
+        faiss.write_index(index, str(folder / f"hnsw-{EMBED_DIM}.faiss"))
+    doc = {"format": FORMAT, **meta, "n": n, "dim": EMBED_DIM, "shortlist_dims": list(shortlist_dims),
+           "hnsw": {"M": hnsw_m, "efConstruction": ef_construction} if hnsw_m else None,
+           "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    (folder / "meta.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return Gallery.open(folder)
