@@ -45,6 +45,13 @@ METRICS = (
     MetricSpec("mrl_capture_records_total", "counter", ("model_name", "outcome"),
                "Traffic-capture records by outcome: written, dropped (queue full) or failed (folder or "
                "disk refused); only while capture is on.", "count"),
+    MetricSpec("mrl_retrieval_queries_total", "counter", ("model_name", "funnel"),
+               "Neighbors requests answered from the gallery, by search method.", "count"),
+    MetricSpec("mrl_retrieval_candidates_total", "counter", ("model_name", "funnel", "dim"),
+               "Gallery items scored, per funnel stage (the prefix size it scores at); divide by "
+               "queries for the stage's size.", "count"),
+    MetricSpec("mrl_retrieval_seconds", "histogram", ("model_name", "funnel"),
+               "Time one batch's gallery search took, per search method.", "seconds"),
     MetricSpec("mrl_batches_total", "counter", ("model_name",),
                "Inference calls (batches) handled by the worker.", "count"),
     MetricSpec("mrl_batch_items_total", "counter", ("model_name",),

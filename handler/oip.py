@@ -8,9 +8,10 @@ requests share a dynamic batch.
 Request: one input of datatype ``BYTES`` and shape ``[1]`` whose single element is the encoded
 image, base64 (what a JSON client such as ``tritonclient.http`` with ``binary_data=False`` sends
 once the caller base64-encodes the file) or, where the JSON carries it as text, the raw bytes
-Latin-1 mapped. Our options (``dim``, ``operating_point``, ``top_k``, ``return_embedding``) go in
-the request's ``parameters``. Response: named, typed outputs (``OUTPUTS``), with ``sizes_tried``
-and ``operating_point`` in the response's ``parameters``. Errors: ``{"error": "..."}`` with a 4xx.
+Latin-1 mapped. Our options (``dim``, ``operating_point``, ``top_k``, ``return_embedding``,
+``neighbors``, ``funnel``) go in the request's ``parameters``. Response: named, typed outputs
+(``OUTPUTS``), with ``sizes_tried``, ``operating_point`` and, for a neighbors request, the
+funnel's ``retrieval`` stages in the response's ``parameters``. Errors: ``{"error": "..."}`` with a 4xx.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from handler.requests import OPTIONS, Options, parse_options
 
 # name -> datatype of every output; "embedding" only when return_embedding is true.
 OUTPUTS = {"label": "BYTES", "class_index": "INT64", "confidence": "FP32", "embedding_dim": "INT32",
-           "top_k_labels": "BYTES", "top_k_probabilities": "FP32", "embedding": "FP32"}
-_PARAM_TYPES = {"dim": (int,), "operating_point": (str,), "top_k": (int,), "return_embedding": (bool,)}
+           "top_k_labels": "BYTES", "top_k_probabilities": "FP32", "embedding": "FP32",
+           "neighbor_ids": "INT64", "neighbor_labels": "BYTES", "neighbor_scores": "FP32"}
+_PARAM_TYPES = {"dim": (int,), "operating_point": (str,), "top_k": (int,), "return_embedding": (bool,),
+                "neighbors": (int,), "funnel": (str,)}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ def v2_body(item: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def parse_v2(body: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
-             default_point: str, num_classes: int) -> tuple[bytes, Options, V2Request]:
+             default_point: str, num_classes: int, gallery_size: int | None = None
+             ) -> tuple[bytes, Options, V2Request]:
     """(image bytes, validated options, what to echo) from one v2 body (``v2_body``), or an InputError."""
     unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
     if unknown:
@@ -81,7 +85,7 @@ def parse_v2(body: Mapping[str, Any], *, nesting: Sequence[int], operating_point
                              f"got {type(value).__name__} {value!r}"[:300], reason="bad_option")
         fields[name] = value
     opts = parse_options(fields, nesting=nesting, operating_points=operating_points,
-                         default_point=default_point, num_classes=num_classes)
+                         default_point=default_point, num_classes=num_classes, gallery_size=gallery_size)
     wanted = _requested_outputs(body.get("outputs"))
     if wanted and "embedding" in wanted:  # asking for the output is asking for the embedding
         opts = replace(opts, return_embedding=True)
@@ -135,9 +139,15 @@ def v2_response(answer: dict, req: V2Request, model_name: str, model_version: st
     }
     if "embedding" in answer:
         values["embedding"] = answer["embedding"]
+    if "neighbors" in answer:
+        values["neighbor_ids"] = [n["id"] for n in answer["neighbors"]]
+        values["neighbor_labels"] = [n["label"] for n in answer["neighbors"]]
+        values["neighbor_scores"] = [n["score"] for n in answer["neighbors"]]
     names = [n for n in (req.outputs or values) if n in values]
-    out = {"model_name": model_name, "model_version": model_version,
-           "parameters": {"sizes_tried": answer["sizes_tried"], "operating_point": answer["operating_point"]},
+    params = {"sizes_tried": answer["sizes_tried"], "operating_point": answer["operating_point"]}
+    if "retrieval" in answer:
+        params["retrieval"] = answer["retrieval"]
+    out = {"model_name": model_name, "model_version": model_version, "parameters": params,
            "outputs": [{"name": n, "datatype": OUTPUTS[n], "shape": [len(values[n])], "data": values[n]}
                        for n in names]}
     if req.id is not None:

@@ -23,7 +23,11 @@ from typing import Any, Mapping, Sequence
 
 from handler.errors import InputError
 
-OPTIONS = ("dim", "operating_point", "top_k", "return_embedding")
+OPTIONS = ("dim", "operating_point", "top_k", "return_embedding", "neighbors", "funnel")
+# Served search methods (retrieval/search.py; HNSW is evaluated there, not served: its index holds
+# a float32 copy of the whole gallery). Named here so that parsing needs no FAISS.
+FUNNELS = ("rerank", "funnel", "exact")
+MAX_NEIGHBORS = 100
 IMAGE_FIELDS = ("body", "data", "file", "image")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -36,13 +40,15 @@ class Options:
     dim: int | None = None
     top_k: int = 5
     return_embedding: bool = False
+    neighbors: int | None = None   # k nearest gallery items, when the model has a gallery
+    funnel: str = "rerank"
 
 
 HEADER_PREFIX = "x-mrl-"
 
 
 def parse_item(item: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
-               default_point: str, num_classes: int,
+               default_point: str, num_classes: int, gallery_size: int | None = None,
                headers: Mapping[str, Any] | None = None,
                model_name: str | None = None) -> tuple[bytes, Options]:
     """Split a request item (and its HTTP headers) into the encoded image and validated options.
@@ -94,11 +100,11 @@ def parse_item(item: Mapping[str, Any], *, nesting: Sequence[int], operating_poi
                          f"({', '.join(IMAGE_FIELDS[1:])}) or JSON {{\"data\": <base64>}}; "
                          f"fields received: {received}", reason="empty")
     return image, parse_options(fields, nesting=nesting, operating_points=operating_points,
-                                default_point=default_point, num_classes=num_classes)
+                                default_point=default_point, num_classes=num_classes, gallery_size=gallery_size)
 
 
 def parse_options(fields: Mapping[str, Any], *, nesting: Sequence[int], operating_points: Sequence[str],
-                  default_point: str, num_classes: int) -> Options:
+                  default_point: str, num_classes: int, gallery_size: int | None = None) -> Options:
     unknown = sorted(set(fields) - set(OPTIONS))
     if unknown:
         raise InputError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(OPTIONS)}",
@@ -127,7 +133,23 @@ def parse_options(fields: Mapping[str, Any], *, nesting: Sequence[int], operatin
     if ret not in _TRUE + _FALSE:
         raise InputError(f"return_embedding={values['return_embedding']!r} is not a boolean; "
                          "allowed: true, false, 1, 0", reason="bad_option")
-    return Options(operating_point=point, dim=dim, top_k=top_k, return_embedding=ret in _TRUE)
+    neighbors = None
+    if "neighbors" in values:
+        if gallery_size is None:
+            raise InputError("neighbors needs a gallery, and this model has none (build the archive with "
+                             "--gallery-dir)", reason="bad_option")
+        neighbors = _int(values["neighbors"], "neighbors")
+        most = min(MAX_NEIGHBORS, gallery_size)
+        if not 1 <= neighbors <= most:
+            raise InputError(f"neighbors={values['neighbors']} is out of range; allowed: 1 to {most} "
+                             f"(the gallery holds {gallery_size} items)", reason="bad_option")
+    funnel = values.get("funnel", "rerank")
+    if "funnel" in values and neighbors is None:
+        raise InputError("funnel applies to a neighbors request; add neighbors=k", reason="bad_option")
+    if funnel not in FUNNELS:
+        raise InputError(f"funnel={funnel!r} is unknown; allowed: {', '.join(FUNNELS)}", reason="bad_option")
+    return Options(operating_point=point, dim=dim, top_k=top_k, return_embedding=ret in _TRUE,
+                   neighbors=neighbors, funnel=funnel)
 
 
 def _merge(fields: dict[str, Any], new: Mapping[str, Any]) -> None:

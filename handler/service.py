@@ -38,7 +38,8 @@ class MRLService:
                  device: str = "cpu", graph: str = "eager", batch_sizes: Sequence[int] = (1,),
                  sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS,
                  channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True,
-                 capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None) -> None:
+                 capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None,
+                 gallery=None) -> None:
         self.card, self.points, self.name = card, points, name
         self.nesting = card.nesting
         self.sink = sink or NullSink()
@@ -58,6 +59,7 @@ class MRLService:
         rows = {name: list(t) for name, t in points.points.items()}
         rows.update({m: fixed_dim_row(self.nesting, m) for m in self.nesting})
         self._rows = {k: threshold_rows(r, 1)[0] for k, r in rows.items()}
+        self.gallery = gallery  # retrieval.gallery.Gallery: neighbors requests search it
         self.capture = None
         if capture is not None:
             self.capture = TrafficCapture(capture, model=name, header={
@@ -69,8 +71,9 @@ class MRLService:
                         "(operating_point=%s)", self.nesting[-1], points.default)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, **kwargs) -> "MRLService":
-        """Load ``checkpoint.pt`` and, if present, ``thresholds.json`` from a model folder."""
+    def from_dir(cls, model_dir: str | Path, gallery_dir: str | Path | None = None, **kwargs) -> "MRLService":
+        """Load ``checkpoint.pt`` and, if present, ``thresholds.json`` from a model folder, and the
+        gallery in ``gallery_dir`` (refused if it was built from another checkpoint)."""
         model_dir = Path(model_dir)
         ckpt = model_dir / "checkpoint.pt"
         model, card = load_mrl_resnet50(ckpt)
@@ -81,7 +84,12 @@ class MRLService:
                                      numerics=threshold_numerics(card.numerics, kwargs.get("device", "cpu")))
         else:
             points = OperatingPoints.fixed(card.nesting)
-        return cls(model, card, points, checkpoint_sha256=sha, **kwargs)
+        gallery = None
+        if gallery_dir:
+            from retrieval.gallery import Gallery  # FAISS only where a gallery is served
+            gallery = Gallery.open(gallery_dir, checkpoint_sha256=sha, hnsw=False)
+            log.info("gallery %s: %d items from %s", gallery_dir, len(gallery), gallery.meta.get("spec"))
+        return cls(model, card, points, checkpoint_sha256=sha, gallery=gallery, **kwargs)
 
     def handle(self, items: Sequence[Mapping[str, Any]],
                headers: Sequence[Mapping[str, Any]] | None = None) -> list[tuple[int, dict]]:
@@ -97,7 +105,8 @@ class MRLService:
         v2: dict[int, V2Request] = {}  # items that came as Open Inference Protocol requests
 
         kw = dict(nesting=self.nesting, operating_points=tuple(self.points.points),
-                  default_point=self.points.default, num_classes=len(self.card.classes))
+                  default_point=self.points.default, num_classes=len(self.card.classes),
+                  gallery_size=len(self.gallery) if self.gallery is not None else None)
         t0 = time.perf_counter()
         for i, item in enumerate(items):
             try:
@@ -138,6 +147,31 @@ class MRLService:
             for outcome, n in self.capture.take_counts().items():
                 self.sink.emit("mrl_capture_records_total", n, (self.name, outcome))
         return out  # type: ignore[return-value]
+
+    def _neighbors(self, emb: torch.Tensor, opts: list[Options], answers: list[dict]) -> None:
+        """Answer neighbors requests from the gallery: one search per funnel per batch."""
+        from retrieval.search import search  # only reached with a gallery (parse_options checks)
+
+        wanted: dict[str, list[int]] = {}
+        for j, o in enumerate(opts):
+            if o.neighbors is not None:
+                wanted.setdefault(o.funnel, []).append(j)
+        for funnel, rows in wanted.items():
+            t0 = time.perf_counter()
+            k = max(opts[j].neighbors for j in rows)
+            r = search(self.gallery, emb[rows].float().cpu().numpy(), k, funnel)
+            self.sink.emit("mrl_retrieval_seconds", time.perf_counter() - t0, (self.name, funnel))
+            self.sink.emit("mrl_retrieval_queries_total", len(rows), (self.name, funnel))
+            for stage in r.stages:
+                self.sink.emit("mrl_retrieval_candidates_total", stage["candidates"] * len(rows),
+                               (self.name, funnel, str(stage["dim"])))
+            classes = self.card.classes
+            for i, j in enumerate(rows):
+                n = opts[j].neighbors
+                answers[j]["neighbors"] = [
+                    {"id": int(self.gallery.ids[g]), "label": classes[int(self.gallery.labels[g])], "score": float(sc)}
+                    for g, sc in zip(r.index[i, :n], r.score[i, :n])]
+                answers[j]["retrieval"] = {"funnel": funnel, "stages": r.stages, "mflops": r.flops / 1e6}
 
     def _error(self, exc: InputError, v2: bool = False) -> tuple[int, dict]:
         self.sink.emit("mrl_request_errors_total", 1, (self.name, exc.reason))
@@ -180,6 +214,7 @@ class MRLService:
             if point in self.points.alert_disagreement:  # the alert's line, beside the ratio it watches
                 self.sink.emit("mrl_disagreement_alert_ratio", self.points.alert_disagreement[point],
                                (self.name, point))
+        self._neighbors(emb, opts, answers)
         self.sink.emit("mrl_embedding_dims_total", int(result.exit_dim.sum()), (self.name,))
         for m, n in escalations.items():
             self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))

@@ -48,7 +48,7 @@ class MRLHandler:
             channels_last=bool(settings.get("channels_last", True)),
             jpeg_draft=bool(settings.get("jpeg_draft", True)),
             onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics),
-            capture=CaptureConfig.from_settings(settings))
+            capture=CaptureConfig.from_settings(settings), gallery_dir=settings.get("gallery_dir"))
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s", context.model_name, device, threads,
                  self.service.engine.graph, self.service.card.numerics, batch_size,

@@ -20,6 +20,7 @@ from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.engine import threshold_numerics
 from handler.thresholds import load_thresholds
+from retrieval.gallery import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIG = """\
@@ -36,6 +37,9 @@ handler:
   jpeg_draft: {jpeg_draft}      # let libjpeg decode at a reduced scale before resizing
   onednn_fusion: {onednn_fusion}   # jit on CPU: oneDNN Graph fuses conv/add/relu partitions
 """
+GALLERY_CONFIG = """\
+  gallery_dir: {gallery_dir}   # neighbors requests search this gallery (retrieval/build_index.py)
+"""
 CAPTURE_CONFIG = """\
   capture_dir: {capture_dir}   # traffic capture for recalibration (handler/capture.py)
   capture_max_mb: {capture_max_mb}   # this model's capture files, all workers together
@@ -49,6 +53,8 @@ def build(args: argparse.Namespace) -> Path:
     if args.capture_dir:
         CaptureConfig.from_settings({"capture_dir": args.capture_dir, "capture_max_mb": args.capture_max_mb,
                                      "capture_file_mb": args.capture_file_mb})  # fail here, not in the worker
+    if args.gallery_dir:
+        read_meta(args.gallery_dir, checkpoint_sha256=file_sha256(ckpt))  # refuse a mismatch now, not in the worker
     if args.thresholds:
         load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
                         numerics=threshold_numerics(card.numerics))
@@ -63,12 +69,18 @@ def build(args: argparse.Namespace) -> Path:
         settings = {**vars(args), "channels_last": str(args.channels_last).lower(),
                     "jpeg_draft": str(args.jpeg_draft).lower(), "onednn_fusion": str(args.onednn_fusion).lower()}
         config = MODEL_CONFIG.format(**settings)
+        if args.gallery_dir:
+            config += GALLERY_CONFIG.format(gallery_dir=json.dumps(str(Path(args.gallery_dir).resolve())))
         if args.capture_dir:
             config += CAPTURE_CONFIG.format(**{**settings, "capture_dir": json.dumps(str(Path(args.capture_dir).resolve()))})
         (stage / "model-config.yaml").write_text(config)
         pkg = stage / "handler"
         shutil.copytree(ROOT / "handler", pkg, ignore=shutil.ignore_patterns("__pycache__", "ts_handler.py"))
         extra = [str(pkg)]
+        if args.gallery_dir:  # the worker's search code: the gallery itself stays where it is
+            shutil.copytree(ROOT / "retrieval", stage / "retrieval",
+                            ignore=lambda _d, names: [n for n in names if n not in ("__init__.py", "gallery.py", "search.py")])
+            extra.append(str(stage / "retrieval"))
         if args.thresholds:
             shutil.copy(args.thresholds, stage / "thresholds.json")
             extra.append(str(stage / "thresholds.json"))
@@ -103,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full-size JPEG decode before resizing (the benchmark's baseline)")
     p.add_argument("--no-onednn-fusion", dest="onednn_fusion", action="store_false",
                    help="traced graph without oneDNN Graph fusion")
+    p.add_argument("--gallery-dir", default=None,
+                   help="serve neighbors requests from this gallery (retrieval/build_index.py), built "
+                        "from the same checkpoint; the archive names the folder, it does not copy it")
     p.add_argument("--capture-dir", default=None,
                    help="turn traffic capture on, into this folder (per-size max softmax and argmax "
                         "per request, for fit_thresholds.py --unlabeled --data capture:DIR)")

@@ -53,17 +53,12 @@ class Gallery:
 
     @classmethod
     def open(cls, folder: str | Path, *, checkpoint_sha256: str | None = None, hnsw: bool = True) -> "Gallery":
-        """Load a gallery; refuse one built from another checkpoint, naming both."""
+        """Load a gallery; refuse one built from another checkpoint, naming both. ``hnsw`` False
+        leaves the HNSW index on disk (it holds a float32 copy of every vector)."""
         import faiss
 
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder}: gallery format must be {FORMAT!r}, got {meta.get('format')!r}")
-        if checkpoint_sha256 is not None and meta["checkpoint_sha256"] != checkpoint_sha256:
-            raise ValueError(f"gallery {folder} was built from checkpoint sha256 {meta['checkpoint_sha256']} "
-                             f"but the model is sha256 {checkpoint_sha256}; rebuild it with "
-                             "retrieval/build_index.py")
+        meta = read_meta(folder, checkpoint_sha256)
         n = meta["n"]
         vectors = np.memmap(folder / "vectors.f16", dtype=np.float16, mode="r", shape=(n, EMBED_DIM))
         flat = {m: faiss.read_index(str(folder / f"flat-{m}.faiss")) for m in meta["shortlist_dims"]}
@@ -73,6 +68,19 @@ class Gallery:
     def rows(self, idx: np.ndarray, m: int) -> np.ndarray:
         """Renormalised m-dim prefixes of the items ``idx`` (any shape), as float32 (..., m)."""
         return prefix(self.vectors[np.asarray(idx).reshape(-1)], m).reshape(*np.shape(idx), m)
+
+
+def read_meta(folder: str | Path, checkpoint_sha256: str | None = None) -> dict:
+    """A gallery's meta.json, checked for its format and (if given) the checkpoint it came from."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder}: gallery format must be {FORMAT!r}, got {meta.get('format')!r}")
+    if checkpoint_sha256 is not None and meta["checkpoint_sha256"] != checkpoint_sha256:
+        raise ValueError(f"gallery {folder} was built from checkpoint sha256 {meta['checkpoint_sha256']} "
+                         f"but the model is sha256 {checkpoint_sha256}; rebuild it with "
+                         "retrieval/build_index.py")
+    return meta
 
 
 def build(folder: str | Path, embeddings: np.ndarray, labels: Sequence[int], ids: Sequence[int], meta: dict, *,

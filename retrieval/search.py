@@ -52,9 +52,11 @@ def funnel_stages(name_or_stages, k: int, gallery: Gallery) -> tuple[tuple[int, 
         raise ValueError(f"funnel dims must increase up to {EMBED_DIM}, got {dims}")
     if any(b > a for a, b in zip(keeps, keeps[1:])):
         raise ValueError(f"funnel shortlists cannot grow, got {keeps} (the last is k={k})")
-    if keeps[0] > len(gallery):
-        stages = ((dims[0], len(gallery)),) + stages[1:]
-    return stages
+    clamped, most = [], len(gallery)  # a small gallery: no stage keeps more than it was given
+    for d, n in stages:
+        most = min(n, most)
+        clamped.append((d, most))
+    return tuple(clamped)
 
 
 def search(gallery: Gallery, queries: np.ndarray, k: int, method: str = "rerank", *,

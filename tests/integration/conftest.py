@@ -1,10 +1,13 @@
 import io
 import json
 
+import numpy as np
 import pytest
 
-from handler.checkpoint import file_sha256
-from handler.thresholds import SCHEMA
+from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.service import MRLService
+from handler.thresholds import SCHEMA, OperatingPoints
+from retrieval.gallery import build
 from tests import deps
 from tests.integration.server import running_server
 from training.data import FASHION_MNIST_DIR, fashion_mnist
@@ -40,8 +43,23 @@ def tiny_thresholds(tiny_checkpoint, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_gallery(tiny_checkpoint, test_images, tmp_path_factory):
+    """A gallery of the tiny model's embeddings of the 200 test images (ids 0-199)."""
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting))
+    emb = np.array([b["embedding"] for _, b in svc.handle([{"body": img, "return_embedding": b"1"}
+                                                            for img in test_images])], dtype=np.float32)
+    folder = tmp_path_factory.mktemp("gallery")
+    build(folder, emb, np.arange(len(emb)) % 10, np.arange(len(emb)),
+          {"checkpoint_sha256": file_sha256(tiny_checkpoint), "spec": "fashion-mnist:test (200)"}, hnsw_m=None)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def tiny_server(tiny_checkpoint, tiny_thresholds, tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("ts"), tiny_checkpoint, thresholds=tiny_thresholds,
-                        batch_size=8, batch_delay=50) as server:
+def tiny_server(tiny_checkpoint, tiny_thresholds, tiny_gallery, tmp_path_factory):
+    """The tiny model with thresholds, a gallery (neighbors requests) and traffic capture on."""
+    tmp = tmp_path_factory.mktemp("ts")
+    with running_server(tmp, tiny_checkpoint, thresholds=tiny_thresholds, batch_size=8, batch_delay=50,
+                        gallery_dir=tiny_gallery, capture_dir=tmp / "capture") as server:
         yield server

@@ -42,7 +42,7 @@ class Server:
 
 def build_archive(checkpoint: Path, model_store: Path, *, thresholds: Path | None = None, name: str = "mrl_resnet50",
                   graph: str = "eager", batch_size: int = 8, batch_delay: int = 20, timeout: int = 30,
-                  capture_dir: Path | None = None, version: str = "1.0") -> Path:
+                  capture_dir: Path | None = None, gallery_dir: Path | None = None, version: str = "1.0") -> Path:
     cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(checkpoint),
            "--name", name, "--export-path", str(model_store), "--graph", graph, "--batch-size", str(batch_size),
            "--batch-delay", str(batch_delay), "--timeout", str(timeout), "--version", version]
@@ -50,6 +50,8 @@ def build_archive(checkpoint: Path, model_store: Path, *, thresholds: Path | Non
         cmd += ["--thresholds", str(thresholds)]
     if capture_dir:
         cmd += ["--capture-dir", str(capture_dir)]
+    if gallery_dir:
+        cmd += ["--gallery-dir", str(gallery_dir)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"archive build failed:\n{proc.stderr[-3000:]}")

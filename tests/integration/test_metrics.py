@@ -19,6 +19,8 @@ PROM_PORT = 19090
 MIX = ([({}, i, 200, None) for i in range(24)]
        + [({"X-MRL-Dim": "64"}, i, 200, None) for i in range(6)]
        + [({"X-MRL-Operating-Point": "exact"}, i, 200, None) for i in range(4)]
+       + [({"X-MRL-Neighbors": "3"}, i, 200, None) for i in range(3)]
+       + [({"X-MRL-Neighbors": "0"}, 0, 400, "bad_option")]
        + [({}, None, 400, "decode")] * 3
        + [({"X-MRL-Top-K": "0"}, 0, 400, "bad_option")] * 2
        + [({"X-MRL-Dim": "7"}, 0, 400, "bad_option")]

@@ -1,0 +1,110 @@
+"""Neighbors requests in the service: a gallery of the tiny model's own embeddings, v1 and v2
+answers, the funnel's stages, the refusals, and the metrics."""
+import base64
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.metrics import PrometheusSink
+from handler.service import MRLService
+from handler.thresholds import OperatingPoints
+from retrieval.gallery import Gallery, build
+from tests.conftest import encode
+
+N = 60
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(7)
+    return [encode(Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L")) for _ in range(N)]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    return model, card, OperatingPoints({"balanced": (0.3,) * 8}, "balanced", {})
+
+
+@pytest.fixture(scope="module")
+def gallery(parts, images, tiny_checkpoint, tmp_path_factory):
+    plain = MRLService(*parts)
+    emb = np.array([body["embedding"] for _, body in plain.handle(
+        [{"body": b, "dim": b"2048", "return_embedding": b"1"} for b in images])], dtype=np.float32)
+    labels = np.arange(N) % 10
+    folder = tmp_path_factory.mktemp("gallery")
+    build(folder, emb, labels, np.arange(N) + 1000, {"checkpoint_sha256": file_sha256(tiny_checkpoint),
+                                                    "spec": "synthetic"}, hnsw_m=None)
+    return Gallery.open(folder, checkpoint_sha256=file_sha256(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return CollectorRegistry()
+
+
+@pytest.fixture(scope="module")
+def service(parts, gallery, registry):
+    return MRLService(*parts, name="tiny", gallery=gallery, sink=PrometheusSink(registry))
+
+
+@pytest.mark.parametrize("funnel", ["rerank", "funnel", "exact"])
+def test_an_image_in_the_gallery_finds_itself_first(service, images, funnel):
+    [(status, body)] = service.handle([{"body": images[17], "neighbors": b"5", "funnel": funnel.encode()}])
+    assert status == 200, body
+    top = body["neighbors"][0]
+    assert len(body["neighbors"]) == 5 and top["id"] == 1017 and top["score"] == pytest.approx(1.0, abs=2e-3)
+    assert top["label"] == service.card.classes[17 % 10]
+    assert [n["score"] for n in body["neighbors"]] == sorted((n["score"] for n in body["neighbors"]), reverse=True)
+    assert body["retrieval"]["funnel"] == funnel and body["retrieval"]["stages"][-1]["kept"] == 5
+    assert body["label"] and body["embedding_dim"]  # the classification answer is still there
+
+
+def test_a_batch_mixes_neighbors_requests_and_plain_ones(service, images):
+    results = service.handle([{"body": images[3], "neighbors": b"2"}, {"body": images[4]},
+                              {"body": images[5], "neighbors": b"3", "funnel": b"exact"}])
+    assert [s for s, _ in results] == [200, 200, 200]
+    assert [len(b.get("neighbors", [])) for _, b in results] == [2, 0, 3]
+    assert [b["neighbors"][0]["id"] for _, b in (results[0], results[2])] == [1003, 1005]
+
+
+def test_v2_parameters_and_outputs(service, images):
+    req = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                       "data": [base64.b64encode(images[9]).decode()]}], "parameters": {"neighbors": 4}}
+    [(status, body)] = service.handle([{"body": req}])
+    out = {o["name"]: o for o in body["outputs"]}
+    assert status == 200 and out["neighbor_ids"]["data"][0] == 1009 and out["neighbor_scores"]["shape"] == [4]
+    assert out["neighbor_labels"]["datatype"] == "BYTES" and body["parameters"]["retrieval"]["funnel"] == "rerank"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"neighbors": b"0"}, "neighbors=0 is out of range; allowed: 1 to 60"),
+    ({"neighbors": b"61"}, "neighbors=61 is out of range; allowed: 1 to 60 .the gallery holds 60 items"),
+    ({"neighbors": b"3", "funnel": b"hnsw"}, "funnel='hnsw' is unknown; allowed: rerank, funnel, exact"),
+    ({"funnel": b"exact"}, "funnel applies to a neighbors request"),
+    ({"neighbors": b"two"}, "neighbors='two' is not an integer"),
+])
+def test_bad_neighbors_requests_get_400_naming_the_value(service, images, fields, message):
+    [(status, body)] = service.handle([{"body": images[0], **fields}])
+    assert status == 400 and body["type"] == "InvalidOption", body
+    assert re.search(message, body["message"]), body["message"]
+
+
+def test_neighbors_without_a_gallery_is_a_clear_400(parts, images):
+    [(status, body)] = MRLService(*parts).handle([{"body": images[0], "neighbors": b"3"}])
+    assert status == 400 and "this model has none" in body["message"]
+
+
+def test_retrieval_metrics_count_queries_and_stage_sizes(service, images, registry):
+    def value(name, **labels):
+        return registry.get_sample_value(name, {"model_name": "tiny", **labels}) or 0.0
+    before = (value("mrl_retrieval_queries_total", funnel="rerank"),
+              value("mrl_retrieval_candidates_total", funnel="rerank", dim="16"))
+    service.handle([{"body": images[i], "neighbors": b"3"} for i in range(4)])
+    assert value("mrl_retrieval_queries_total", funnel="rerank") - before[0] == 4
+    # the first stage scores the whole gallery (60 < the 200 shortlist) for each of the 4 queries
+    assert value("mrl_retrieval_candidates_total", funnel="rerank", dim="16") - before[1] == 4 * N
