@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,17 +23,10 @@ from pathlib import Path
 from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, serve_phase
 from handler.capture import FLUSH_S, read_capture
 from handler.checkpoint import file_sha256
+from model_store.build_archive import archive
 from model_store.serve import stop, start, wait_ready, write_config
 
 NAMES = ("plain", "captured")
-
-
-def build(store: Path, ckpt: Path, thresholds: Path, name: str, capture_dir: Path | None, batch_size: int) -> None:
-    cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(ckpt),
-           "--thresholds", str(thresholds), "--name", name, "--export-path", str(store),
-           "--batch-size", str(batch_size), "--threads", "0"]
-    cmd += ["--capture-dir", str(capture_dir)] if capture_dir else []
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
         store, capture_dir = tmp / "store", tmp / "capture"
         store.mkdir()
         for name in NAMES:
-            build(store, ckpt, thresholds, name, capture_dir if name == "captured" else None, args.batch_size)
+            archive(ckpt, store, thresholds=thresholds, name=name, batch_size=args.batch_size,
+                    capture_dir=capture_dir if name == "captured" else None)
         config = write_config(tmp / "config.properties", store,
                               extra="\nload_models=" + ",".join(f"{n}.mar" for n in NAMES) + "\n")
         env = {**os.environ, **MALLOC_ENV}

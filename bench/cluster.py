@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 from bench.run import demo_inputs, machine
 from client.http import Client, run_load
 from model_store import cluster as cl
+from model_store.build_archive import archive
 from model_store.serve import processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,9 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         store = tmp / "model_store"
         store.mkdir()
-        subprocess.run([sys.executable, str(ROOT / "model_store" / "build_archive.py"),
-                        "--checkpoint", str(DEMO / "mrl_resnet50_fp16.pt"), "--thresholds", str(DEMO / "thresholds.json"),
-                        "--export-path", str(store)], check=True, capture_output=True)
+        archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")
         keys = tmp / "api_keys"
         keys.write_text(KEY + "\n")
         for n in (1, args.replicas):

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from handler.model import mrl_resnet50
 from handler.engine import configure_threads, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
+from model_store.build_archive import archive
 from model_store.serve import read_keys, start, stop, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,13 +161,8 @@ def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, bat
     """Archive, start TorchServe with the mode's environment; seconds from --start to READY."""
     store = tmp / "store"
     store.mkdir(exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(ckpt),
-           "--export-path", str(store), "--graph", mode["graph"], "--batch-size", str(batch_size),
-           "--batch-delay", str(batch_delay)]
-    cmd += [] if mode["channels_last"] else ["--no-channels-last"]
-    cmd += [] if mode["jpeg_draft"] else ["--no-jpeg-draft"]
-    cmd += ["--thresholds", str(thresholds)] if thresholds else []
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    archive(ckpt, store, graph=mode["graph"], batch_size=batch_size, batch_delay=batch_delay,
+            channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds)
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     if mode["malloc"]:
         env.update(MALLOC_ENV)

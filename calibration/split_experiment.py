@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--eval-data", default=None, help="pooled with --data; without it --data is split")
-    p.add_argument("--cal-fraction", type=float, default=0.5,
-                   help="without --eval-data: the share of --data each trial calibrates on")
+    p.add_argument("--cal-fraction", type=float, default=None,
+                   help="without --eval-data: the share of --data each trial calibrates on (default 0.5)")
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--epsilon", type=float, default=0.005)
     p.add_argument("--delta", type=float, default=0.1)
@@ -60,15 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
     if is_capture(args.data) and not args.unlabeled:
         p.error("captured traffic has no labels: add --unlabeled")
     a = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=DEFAULT_CACHE)
+    if args.eval_data and args.cal_fraction is not None:
+        p.error("--cal-fraction splits --data alone; with --eval-data the calibration set is --data")
     if args.eval_data:
         b = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=DEFAULT_CACHE)
         pool = Outputs(np.concatenate([a.conf, b.conf]), np.concatenate([a.pred, b.pred]),
                        np.concatenate([a.labels, b.labels]), a.nesting, a.meta)
         cal_size = len(a.labels)
     else:
-        if not 0 < args.cal_fraction < 1:
-            p.error(f"--cal-fraction must be in (0, 1), got {args.cal_fraction}")
-        pool, cal_size = a, int(round(args.cal_fraction * len(a.labels)))
+        fraction = 0.5 if args.cal_fraction is None else args.cal_fraction
+        if not 0 < fraction < 1:
+            p.error(f"--cal-fraction must be in (0, 1), got {fraction}")
+        pool, cal_size = a, int(round(fraction * len(a.labels)))
     result = run(pool, cal_size, args.trials, args.epsilon, args.delta, args.unlabeled)
     result["data"] = args.data if not args.eval_data else f"{args.data} + {args.eval_data}"
     print(json.dumps(result))

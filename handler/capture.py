@@ -7,25 +7,31 @@ Off by default. The ``handler`` block of an archive's model-config.yaml turns it
     capture_max_mb: 256                       # bound on this model's files in the folder
     capture_file_mb: 16                       # a file rotates when it passes this size
 
-A record is one request's per-size max softmax and argmax and the time it was answered: never the
-image, the body, the headers or anything that names a client. Files are JSON lines,
-``capture-<model>-<UTC time>-<pid>.jsonl`` (names sort by age); the first line is a header that
-ties the records to the checkpoint (sha256), nesting and numerics that produced them, so
-``fit_thresholds.py --unlabeled --data capture:DIR`` refits for exactly that model.
+A record is one request's per-size max softmax (float32, written exactly) and argmax and the
+time it was answered: never the image, the body, the headers or anything that names a client.
+Files are JSON lines, ``capture-<model>-<UTC time>-<pid>.jsonl`` (names sort by age), written as
+``.jsonl.part`` while a worker appends to them and renamed when it moves on; the first line is a
+header that ties the records to the checkpoint (sha256), nesting and numerics that produced them,
+so ``fit_thresholds.py --unlabeled --data capture:DIR`` refits for exactly that model. The size
+bound applies to closed files: each worker's open file adds at most ``capture_file_mb``.
 
-The request path only copies two small arrays into a bounded queue; a writer thread formats and
-appends them in batches. Nothing here can fail a request: a full queue, an unwritable folder or a
-full disk lose records, and each lost record is counted (``mrl_capture_records_total{outcome}``)
-and logged (at most once a minute). After an error the writer retries the folder every
-``RETRY_S`` seconds, so fixing it resumes capture without a restart.
+The request path hands two small arrays (fresh per batch, never written again) to a bounded
+queue; a writer thread formats and appends them in batches. Nothing here can fail a request: a
+full queue, an unwritable folder or a full disk lose records, and each lost record is counted
+(``mrl_capture_records_total{outcome}``) and logged (at most once a minute). After an error the
+writer retries the folder every ``RETRY_S`` seconds, so fixing it resumes capture without a
+restart. A worker that exits normally writes what is queued; one that is killed loses at most
+the last ``FLUSH_S`` second of records.
 """
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -79,6 +85,8 @@ class TrafficCapture:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mrl-capture", daemon=True)
         self._thread.start()
+        self._pattern = re.compile(rf"capture-{re.escape(model)}-\d{{8}}T\d+Z-\d+\.jsonl")
+        atexit.register(self.close)
 
     # --- request path ------------------------------------------------------------------------
 
@@ -116,16 +124,27 @@ class TrafficCapture:
                 pending, last = [], time.monotonic()
         if pending:
             self._write(pending)
-        if self._file is not None:
-            self._file.close()
+        self._close_file()
+
+    def _close_file(self) -> None:
+        """Close the open file and give it its final name (it may then be pruned)."""
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        try:
+            f.close()
+            os.replace(f.name, f.name.removesuffix(".part"))
+        except OSError:
+            pass
 
     def _write(self, batches: list[tuple[float, np.ndarray, np.ndarray]]) -> None:
         n = sum(len(c) for _, c, _ in batches)
         if time.monotonic() < self._retry_at:
             self._count("failed", n, None)
             return
-        lines = "".join(json.dumps({"t": round(t, 3), "conf": [round(float(v), 5) for v in c],
-                                    "pred": [int(v) for v in p]}, separators=(",", ":")) + "\n"
+        # %.9g round-trips a float32: calibration sees exactly the confidences the server compared.
+        lines = "".join(f'{{"t":{t:.3f},"conf":[{",".join(f"{v:.9g}" for v in c.tolist())}],'
+                        f'"pred":[{",".join(str(v) for v in p.tolist())}]}}\n'
                         for t, conf, pred in batches for c, p in zip(conf, pred))
         data = lines.encode()
         try:
@@ -136,25 +155,18 @@ class TrafficCapture:
             self._file_bytes += len(data)
         except OSError as exc:
             self._retry_at = time.monotonic() + RETRY_S
-            if self._file is not None:
-                try:
-                    self._file.close()
-                except OSError:
-                    pass
-                self._file = None
+            self._close_file()
             self._count("failed", n, f"cannot write to {self.config.folder} ({exc}); "
                                      f"retrying in {RETRY_S:.0f} s, requests are still answered")
             return
         self._count("written", n, None)
 
     def _rotate(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
         folder = self.config.folder
         folder.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        path = folder / f"capture-{self.model}-{stamp}-{os.getpid()}.jsonl"
+        path = folder / f"capture-{self.model}-{stamp}-{os.getpid()}.jsonl.part"
         header = (json.dumps({**self.header, "created": time.time()}) + "\n").encode()
         f = open(path, "ab")
         try:
@@ -167,8 +179,9 @@ class TrafficCapture:
         self._prune(keep=path)
 
     def _prune(self, keep: Path) -> None:
-        """Delete this model's oldest files until the folder's total is within max_bytes."""
-        files = sorted(self.config.folder.glob(f"capture-{self.model}-*.jsonl"))
+        """Delete this model's oldest closed files until they total at most max_bytes minus one
+        file (room for the one just opened). Open files (other workers') are never touched."""
+        files = sorted(p for p in self.config.folder.iterdir() if self._pattern.fullmatch(p.name))
         sizes = {}
         for p in files:
             try:
@@ -215,7 +228,9 @@ def read_capture(folder: str | Path, *, checkpoint_sha256: str | None = None, si
     if not folder.is_dir():
         raise FileNotFoundError(f"capture folder {folder} does not exist")
     conf, pred, ts, header, files, skipped, seen = [], [], [], None, 0, 0, set()
-    for path in sorted(folder.glob("capture-*.jsonl")):
+    for path in sorted(folder.glob("capture-*.jsonl*"), key=lambda p: p.name.removesuffix(".part")):
+        if not path.name.endswith((".jsonl", ".jsonl.part")):
+            continue
         lines = iter(path.read_text(errors="replace").splitlines())
         try:
             head = json.loads(next(lines))

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from handler.capture import CaptureConfig, TrafficCapture
-from handler.cascade import fixed_dim_row, run_cascade, threshold_rows
+from handler.cascade import CascadeResult, fixed_dim_row, run_cascade, threshold_rows
 from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
 from handler.engine import Engine, resolve_numerics, threshold_numerics
 from handler.errors import InputError
@@ -130,12 +130,16 @@ class MRLService:
             try:
                 probs, emb = self.engine(self.normalize(crops))
                 t2 = time.perf_counter()
-                answers = self._answer(probs, emb, opts)
+                answers, result = self._answer(probs, emb, opts)
                 t3 = time.perf_counter()
                 self.sink.emit("mrl_stage_seconds", t2 - t1, (self.name, "forward"))
                 self.sink.emit("mrl_stage_seconds", t3 - t2, (self.name, "cascade"))
+                if self.gallery is not None:  # timed apart: mrl_retrieval_seconds
+                    self._neighbors(emb, opts, answers)
                 for i, answer in zip(index, answers):
                     out[i] = (200, v2_response(answer, v2[i], self.name) if i in v2 else answer)
+                if self.capture is not None:  # answered: a copy into a queue, a writer thread does the rest
+                    self.capture.record(result.size_conf.float().numpy(), result.size_label.numpy())
             except Exception:  # the batch's fault, not a request's: 500 for these items only
                 log.exception("inference failed for a batch of %d", len(crops))
                 for i in index:
@@ -177,11 +181,10 @@ class MRLService:
         self.sink.emit("mrl_request_errors_total", 1, (self.name, exc.reason))
         return exc.status, v2_error(exc) if v2 else exc.to_json()
 
-    def _answer(self, probs: torch.Tensor, emb: torch.Tensor, opts: list[Options]) -> list[dict]:
+    def _answer(self, probs: torch.Tensor, emb: torch.Tensor,
+                opts: list[Options]) -> tuple[list[dict], CascadeResult]:
         thresholds = torch.stack([self._rows[o.dim if o.dim is not None else o.operating_point] for o in opts])
         result = run_cascade(probs.cpu(), thresholds, self.nesting)
-        if self.capture is not None:  # a copy into a queue; a writer thread does the rest
-            self.capture.record(result.size_conf.float().numpy(), result.size_label.numpy())
         k_max = max(o.top_k for o in opts)
         top_p, top_i = result.probs.topk(k_max, dim=-1)
         classes = self.card.classes
@@ -214,8 +217,7 @@ class MRLService:
             if point in self.points.alert_disagreement:  # the alert's line, beside the ratio it watches
                 self.sink.emit("mrl_disagreement_alert_ratio", self.points.alert_disagreement[point],
                                (self.name, point))
-        self._neighbors(emb, opts, answers)
         self.sink.emit("mrl_embedding_dims_total", int(result.exit_dim.sum()), (self.name,))
         for m, n in escalations.items():
             self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))
-        return answers
+        return answers, result

@@ -56,8 +56,12 @@ def build(args: argparse.Namespace) -> Path:
     if args.gallery_dir:
         read_meta(args.gallery_dir, checkpoint_sha256=file_sha256(ckpt))  # refuse a mismatch now, not in the worker
     if args.thresholds:
-        load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
-                        numerics=threshold_numerics(card.numerics))
+        points = load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
+                                 numerics=threshold_numerics(card.numerics))
+        if points.meta.get("numerics") != card.numerics:
+            print(f"warning: {args.thresholds} was fit in {points.meta.get('numerics')} (what this CPU serves "
+                  f"the card's {card.numerics} in); a worker on a CPU that serves {card.numerics} will "
+                  "refuse it: fit thresholds on the kind of machine that serves", file=sys.stderr)
     else:
         print(f"warning: no thresholds given; {args.name} will answer every request at "
               f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)
@@ -94,6 +98,22 @@ def build(args: argparse.Namespace) -> Path:
     print(f"built {mar} ({mar.stat().st_size / 2**20:.1f} MiB): {card.name}, {len(card.classes)} classes, "
           f"{card.numerics}, graph={args.graph}, batch {args.batch_size} / {args.batch_delay} ms")
     return mar
+
+
+def archive(checkpoint: str | Path, export_path: str | Path, **options) -> Path:
+    """``build`` with the command line's options as keywords (``thresholds=..., batch_size=8,
+    channels_last=False``; None leaves an option at its default): one way to build an archive for
+    the benchmarks and the tests."""
+    argv = ["--checkpoint", str(checkpoint), "--export-path", str(export_path)]
+    negated = {"channels_last", "jpeg_draft", "onednn_fusion"}  # flags that only turn a default off
+    for key, value in options.items():
+        if value is None or (key in negated and value):
+            continue
+        if key in negated:
+            argv.append("--no-" + key.replace("_", "-"))
+        else:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    return build(parse_args(argv))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

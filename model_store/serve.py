@@ -151,9 +151,12 @@ def swap(model: str, archive: str, root: Path = ROOT, management: str = MANAGEME
     config.properties turns off (enable_model_api=false); without it, rebuild and restart (or
     roll a cluster replica by replica). Returns the new default version."""
     token = read_keys(root)["management"]
-    old = [m["modelVersion"] for m in _management("GET", f"/models/{model}/all", token, management)]
+    running = _management("GET", f"/models/{model}/all", token, management)
+    old = [m["modelVersion"] for m in running]
+    workers = max(1, max(len(m.get("workers", [])) for m in running))  # the new version gets as many
     try:
-        _management("POST", f"/models?url={archive}&initial_workers=1&synchronous=true", token, management, timeout)
+        _management("POST", f"/models?url={archive}&initial_workers={workers}&synchronous=true", token,
+                    management, timeout)
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")
         if exc.code == 405 or ("api" in body.lower() and "disabled" in body.lower()):
@@ -163,25 +166,36 @@ def swap(model: str, archive: str, root: Path = ROOT, management: str = MANAGEME
                              f"network. TorchServe said: {body.strip()}") from None
         raise SystemExit(f"TorchServe refused to register {archive} ({exc.code}): {body.strip()}") from None
     versions = [m["modelVersion"] for m in _management("GET", f"/models/{model}/all", token, management)]
-    new = next(v for v in versions if v not in old)
+    added = [v for v in versions if v not in old]
+    if not added:
+        raise SystemExit(f"{archive} added no new version of {model} (versions: {versions}); build it with "
+                         f"--name {model} and a new --version. If it carried another model's name, that "
+                         "model is now registered too: unregister it with DELETE /models/<name>")
+    new = added[0]
     _management("PUT", f"/models/{model}/{new}/set-default", token, management)
     for v in old:
-        _drain(model, v, token, management, grace_s, timeout)
+        if not _drain(model, v, token, management, grace_s, timeout):
+            raise SystemExit(f"{model} {v} still had queued requests after {timeout:.0f} s; version {new} "
+                             f"is the default now, {v} is left registered: unregister it with "
+                             f"DELETE /models/{model}/{v} once its queue is empty")
         _management("DELETE", f"/models/{model}/{v}", token, management)
     return new
 
 
-def _drain(model: str, version: str, token: str | None, management: str, grace_s: float, timeout: float) -> None:
-    """Wait until no request waits in ``version``'s queue, then ``grace_s`` for the batch in its
-    worker. TorchServe drops a version's queued and in-flight requests unanswered when the version
-    is unregistered (the clients hang until their own timeout): measured, tests/integration/test_swap.py."""
+def _drain(model: str, version: str, token: str | None, management: str, grace_s: float, timeout: float) -> bool:
+    """Wait until no request waits in ``version``'s queue, then ``grace_s`` (at least the longest
+    batch) for the batch in its worker; False if the queue was not empty by ``timeout``. TorchServe
+    drops a version's queued and in-flight requests unanswered when the version is unregistered
+    (the clients hang until their own timeout): measured, tests/integration/test_swap.py."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         status = _management("GET", f"/models/{model}/{version}", token, management)[0].get("jobQueueStatus", {})
         if not status.get("pendingRequests", 0):
-            break
+            time.sleep(grace_s)
+            return True
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
-    time.sleep(grace_s)
 
 
 def main(argv: list[str] | None = None) -> None:

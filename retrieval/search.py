@@ -40,9 +40,12 @@ class Result:
 
 def funnel_stages(name_or_stages, k: int, gallery: Gallery) -> tuple[tuple[int, int], ...]:
     """Validate a funnel for a k-NN query: named or explicit stages, the last one keeping k."""
-    stages = FUNNELS[name_or_stages] if isinstance(name_or_stages, str) else tuple(name_or_stages)
+    named = isinstance(name_or_stages, str)
+    stages = FUNNELS[name_or_stages] if named else tuple(name_or_stages)
     if not stages:
         raise ValueError("a funnel needs at least one stage")
+    if named:  # a named funnel serves any k: no stage keeps fewer than the k asked for
+        stages = tuple((d, max(n, k)) for d, n in stages)
     stages = stages[:-1] + ((stages[-1][0], k),)
     dims = [d for d, _ in stages]
     keeps = [n for _, n in stages]

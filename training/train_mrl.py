@@ -155,10 +155,12 @@ def train(args: argparse.Namespace) -> Path:
     init, init_state = None, None
     if args.init:  # checked before the data loads: a wrong checkpoint fails at once
         init_card, state = read_checkpoint(args.init)
-        if list(init_card.classes) != list(info.classes) or tuple(init_card.nesting) != DEFAULT_NESTING:
-            raise ValueError(f"--init {args.init}: its classes/nesting ({len(init_card.classes)} classes, "
-                             f"{init_card.nesting}) differ from {args.data}'s ({len(info.classes)}, "
-                             f"{DEFAULT_NESTING})")
+        if (list(init_card.classes) != list(info.classes) or tuple(init_card.nesting) != DEFAULT_NESTING
+                or init_card.head != args.head or init_card.blurpool):
+            raise ValueError(f"--init {args.init}: its classes/nesting/head ({len(init_card.classes)} classes, "
+                             f"{init_card.nesting}, {init_card.head}{', BlurPool' if init_card.blurpool else ''}) "
+                             f"differ from this run's ({len(info.classes)} classes of {args.data}, "
+                             f"{DEFAULT_NESTING}, {args.head})")
         init_state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         init = {"checkpoint": str(args.init), "sha256": file_sha256(args.init), "training": init_card.training}
 
@@ -263,8 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--init", default=None, metavar="CKPT",
-                   help="start from this checkpoint's weights (ours, or an official MRL one) with a "
-                        "fresh optimizer and schedule; the card records it and its own training")
+                   help="start from this checkpoint's weights (one of this project's, with the data set's "
+                        "classes and the same head) with a fresh optimizer and schedule; the card records it "
+                        "and its own training")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop after epoch N, leaving OUT/last.pt to --resume (training in time slices)")

@@ -3,12 +3,11 @@ test ports, started in a temporary folder (logs and key_file.json land there), s
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.http import Client
+from model_store.build_archive import archive
 from model_store.serve import describe, read_keys, start, stop, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,22 +39,11 @@ class Server:
             return resp.read().decode()
 
 
-def build_archive(checkpoint: Path, model_store: Path, *, thresholds: Path | None = None, name: str = "mrl_resnet50",
-                  graph: str = "eager", batch_size: int = 8, batch_delay: int = 20, timeout: int = 30,
-                  capture_dir: Path | None = None, gallery_dir: Path | None = None, version: str = "1.0") -> Path:
-    cmd = [sys.executable, str(ROOT / "model_store" / "build_archive.py"), "--checkpoint", str(checkpoint),
-           "--name", name, "--export-path", str(model_store), "--graph", graph, "--batch-size", str(batch_size),
-           "--batch-delay", str(batch_delay), "--timeout", str(timeout), "--version", version]
-    if thresholds:
-        cmd += ["--thresholds", str(thresholds)]
-    if capture_dir:
-        cmd += ["--capture-dir", str(capture_dir)]
-    if gallery_dir:
-        cmd += ["--gallery-dir", str(gallery_dir)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"archive build failed:\n{proc.stderr[-3000:]}")
-    return model_store / f"{name}.mar"
+def build_archive(checkpoint: Path, model_store: Path, *, name: str = "mrl_resnet50", graph: str = "eager",
+                  batch_size: int = 8, batch_delay: int = 20, **options) -> Path:
+    """A test archive: eager graph and a 20 ms batch delay unless asked (options as build_archive's)."""
+    return archive(checkpoint, model_store, name=name, graph=graph, batch_size=batch_size,
+                   batch_delay=batch_delay, **options)
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ def test_captured_records_are_the_answers(servers, tiny_checkpoint, tiny_thresho
     recorded = sorted((int(p), float(c)) for p, c in zip(got.pred[rows, at], got.conf[rows, at]))
     answers = sorted((r.body["class_index"], r.body["confidence"]) for r in results)
     assert [p for p, _ in recorded] == [p for p, _ in answers]
-    np.testing.assert_allclose([c for _, c in recorded], [c for _, c in answers], atol=1e-5)
+    np.testing.assert_array_equal(np.float32([c for _, c in recorded]), np.float32([c for _, c in answers]))
 
 
 def test_an_unwritable_capture_folder_answers_every_request_and_counts_the_loss(servers, test_images):

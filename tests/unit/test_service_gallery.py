@@ -64,6 +64,12 @@ def test_an_image_in_the_gallery_finds_itself_first(service, images, funnel):
     assert body["label"] and body["embedding_dim"]  # the classification answer is still there
 
 
+def test_a_named_funnel_serves_any_k_up_to_the_gallery(service, images):
+    [(status, body)] = service.handle([{"body": images[2], "neighbors": b"60", "funnel": b"funnel"}])
+    assert status == 200 and len(body["neighbors"]) == 60 and body["neighbors"][0]["id"] == 1002
+    assert len({n["id"] for n in body["neighbors"]}) == 60  # the whole gallery, each item once
+
+
 def test_a_batch_mixes_neighbors_requests_and_plain_ones(service, images):
     results = service.handle([{"body": images[3], "neighbors": b"2"}, {"body": images[4]},
                               {"body": images[5], "neighbors": b"3", "funnel": b"exact"}])

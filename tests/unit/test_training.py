@@ -99,6 +99,6 @@ def test_init_warm_starts_from_a_checkpoint_and_the_card_records_it(tmp_path, ti
 
 
 def test_init_refuses_a_checkpoint_of_other_classes(tmp_path, tiny_checkpoint):
-    with pytest.raises(ValueError, match="classes/nesting"):
+    with pytest.raises(ValueError, match="classes/nesting/head"):
         train(parse_args(["--out", str(tmp_path / "x"), "--data", "han1000:train", "--limit", "64",
                           "--init", str(tiny_checkpoint)]))
