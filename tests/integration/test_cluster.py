@@ -26,12 +26,15 @@ PROM_PORT = 19093
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_checkpoint, tiny_thresholds):
+def cluster(tmp_path_factory, tiny_checkpoint, tiny_thresholds, tiny_gallery):
     deps.need_binary("haproxy", "haproxy")
     tmp = tmp_path_factory.mktemp("cluster")
     store = tmp / "model_store"
     store.mkdir()
-    build_archive(tiny_checkpoint, store, thresholds=tiny_thresholds)
+    # Every dashboard panel needs data: a gallery (neighbors requests) and one capture folder that
+    # the three replicas share.
+    build_archive(tiny_checkpoint, store, thresholds=tiny_thresholds, gallery_dir=tiny_gallery,
+                  capture_dir=tmp / "capture")
     keys = tmp / "api_keys"
     keys.write_text(f"# test keys\n{KEY}\n")
     c = cl.Cluster(home=tmp / "cluster", replicas=3, gateway_port=18090, base_port=18100,

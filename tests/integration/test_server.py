@@ -120,8 +120,9 @@ def test_the_folder_client_agrees_with_the_servers_counters(tiny_server, tmp_pat
         img.save(tmp_path / str(label) / f"{i:05d}.png")
     before = tiny_server.scrape()
     rows = tmp_path.parent / f"{tmp_path.name}-answers.jsonl"
+    # "--token=KEY": a key may start with "-", which argparse would take for an option
     summary = classify_main([str(tmp_path), "--url", tiny_server.inference, "--model", tiny_server.model,
-                             "--token", tiny_server.keys["inference"], "--concurrency", "4", "--json",
+                             "--token=" + tiny_server.keys["inference"], "--concurrency", "4", "--json",
                              "--out", str(rows)])
     time.sleep(1.5)  # the frontend applies metric lines shortly after the response
     exits = delta(tiny_server.scrape(), before, "mrl_cascade_exits_total", by="embedding_dim")
