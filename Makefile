@@ -14,7 +14,7 @@ REPLICAS ?= 1
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: help setup env serve archive stop token test test-unit test-integration monitor bench parity clean
+.PHONY: help setup env serve archive archive-han1000 stop token test test-unit test-integration monitor bench parity clean
 
 help:
 	@echo "make setup     install the Debian packages of setup/debian-packages.txt (every target runs it)"
@@ -24,6 +24,7 @@ help:
 	@echo "make token     print a fresh inference key for the running server (keys expire after 60 min)"
 	@echo "make test      the whole test suite (what CI runs)"
 	@echo "make archive CHECKPOINT=path [THRESHOLDS=path]   build model_store/mrl_resnet50.mar"
+	@echo "make archive-han1000   build model_store/han1000.mar (the bundled Han character model)"
 	@echo "make monitor   start Prometheus scraping the running server"
 	@echo "make bench     the benchmark (docs/benchmarks.md)"
 	@echo "make parity    bf16 against fp32 on the demo model (docs/parity.json)"
@@ -44,7 +45,13 @@ archive: env
 	$(PY) model_store/build_archive.py --checkpoint $(CHECKPOINT) \
 		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH)
 
-serve: archive
+# The second bundled model: 1000 printed Han characters (model_store/han1000, README).
+HAN1000 := model_store/han1000
+archive-han1000: env
+	$(PY) model_store/build_archive.py --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt \
+		--thresholds $(HAN1000)/thresholds.json --name han1000 --graph $(GRAPH)
+
+serve: archive archive-han1000
 ifeq ($(REPLICAS),1)
 	$(PY) -m model_store.serve start
 else

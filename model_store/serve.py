@@ -26,7 +26,7 @@ TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))  # the one instal
 MANAGEMENT = "http://127.0.0.1:8081"
 INFERENCE = "http://127.0.0.1:8080"
 # The bundled models (config.properties loads them) and the example each printed curl sends.
-EXAMPLES = {"mrl_resnet50": "ankle_boot.png"}
+EXAMPLES = {"mrl_resnet50": "ankle_boot.png", "han1000": "han1000/hard_1.png"}
 
 
 def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "",

@@ -1,8 +1,8 @@
 """Metrics end to end: real TorchServe, real Prometheus, a scripted mix of requests.
 
 Exact counts are read from TorchServe's endpoint (deltas over the mix); then every dashboard query
-and rule is evaluated through Prometheus's HTTP API, and a drift scenario drives the drift alert's
-expression true (its windows scaled from minutes/hours to seconds).
+and rule is evaluated through Prometheus's HTTP API. The drift scenario, with real out-of-distribution
+characters on the han1000 model, is tests/integration/test_drift.py.
 """
 import re
 import time
@@ -108,19 +108,3 @@ def test_every_dashboard_query_and_rule_returns_data(prom, tiny_server, test_ima
         assert res["status"] == "success", (name, res)
         if name.startswith("mrl:"):  # recording rules must produce series
             assert res["data"]["result"], name
-
-
-def test_drift_raises_mean_dims_and_the_drift_alert_expression_turns_true(prom, tiny_server, test_images):
-    client = tiny_server.client()
-    run_load(client, test_images, concurrency=4, duration=20, headers={"Content-Type": "image/png", "X-MRL-Dim": "8"})
-    time.sleep(3)
-    base = float(wait_for("sum(mrl:mean_dims:rate5m)")[0]["value"][1])
-    run_load(client, test_images, concurrency=4, duration=20, headers={"Content-Type": "image/png", "X-MRL-Dim": "2048"})
-    time.sleep(3)
-    drifted = float(query('sum(mrl:mean_dims:rate5m)')["data"]["result"][0]["value"][1])
-    print(f"mean dims before drift {base:.1f}, after {drifted:.1f}")
-    assert drifted > 1.5 * base
-    expr = dict(rule_expressions())["MRLMeanDimsDrift"]
-    scaled = expr.replace("[10m]", "[10s]").replace("[6h] offset 10m", "[15s] offset 25s")
-    assert scaled != expr
-    assert query(scaled)["data"]["result"], scaled
