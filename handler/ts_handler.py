@@ -63,7 +63,7 @@ class MRLHandler:
             phrase = "OK" if status == 200 else body.get("type") or HTTPStatus(status).phrase
             context.set_response_status(code=status, phrase=phrase, idx=i)
             context.set_response_content_type(i, "application/json")
-            bodies.append(json.dumps(body))
+            bodies.append(json.dumps(body, ensure_ascii=False))  # "label": "永", UTF-8
         return bodies
 
 
