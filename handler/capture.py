@@ -181,6 +181,14 @@ class TrafficCapture:
     def _prune(self, keep: Path) -> None:
         """Delete this model's oldest closed files until they total at most max_bytes minus one
         file (room for the one just opened). Open files (other workers') are never touched."""
+        for part in self.config.folder.glob(f"capture-{self.model}-*.jsonl.part"):
+            # A worker that died (killed, or the machine restarted) never closed its file: adopt it.
+            pid = part.name.removesuffix(".jsonl.part").rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                try:
+                    os.replace(part, part.with_name(part.name.removesuffix(".part")))
+                except OSError:
+                    pass
         files = sorted(p for p in self.config.folder.iterdir() if self._pattern.fullmatch(p.name))
         sizes = {}
         for p in files:
@@ -205,6 +213,16 @@ class TrafficCapture:
         if warning and now - self._warned_at.get(outcome, -WARN_EVERY_S) >= WARN_EVERY_S:
             self._warned_at[outcome] = now
             log.warning("traffic capture lost %d record(s): %s", n, warning)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @dataclass

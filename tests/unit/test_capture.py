@@ -69,6 +69,16 @@ def test_rotation_keeps_the_folder_within_its_bound(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got.pred[-10:], pred)
 
 
+def test_a_dead_workers_open_file_is_adopted_and_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(capture_mod, "FLUSH_S", 0.0)
+    dead = tmp_path / "capture-m-20260101T000000000000Z-999999999.jsonl.part"  # no such pid
+    dead.write_text(json.dumps({"schema": capture_mod.SCHEMA, **HEADER}) + "\n" + "x" * 20_000 + "\n")
+    cap = TrafficCapture(CaptureConfig(tmp_path, max_bytes=20_000, file_bytes=10_000), model="m", header=HEADER)
+    cap.record(*batch(np.random.default_rng(6), 2))
+    cap.close()
+    assert not dead.exists() and not dead.with_name(dead.name.removesuffix(".part")).exists()
+
+
 def test_unwritable_folder_counts_failures_and_never_raises(tmp_path):
     cap = TrafficCapture(CaptureConfig(unwritable(tmp_path)), model="m", header=HEADER)
     cap.record(*batch(np.random.default_rng(2), 5))
