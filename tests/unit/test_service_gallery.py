@@ -114,3 +114,10 @@ def test_retrieval_metrics_count_queries_and_stage_sizes(service, images, regist
     assert value("mrl_retrieval_queries_total", funnel="rerank") - before[0] == 4
     # the first stage scores the whole gallery (60 < the 200 shortlist) for each of the 4 queries
     assert value("mrl_retrieval_candidates_total", funnel="rerank", dim="16") - before[1] == 4 * N
+
+
+def test_the_request_parser_names_exactly_the_served_search_methods():
+    """handler.requests keeps its own list (parsing needs no FAISS): it must not drift from search's."""
+    from handler.requests import FUNNELS
+    from retrieval.search import METHODS
+    assert set(FUNNELS) == set(METHODS) - {"hnsw"}
