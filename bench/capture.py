@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                    for n, ph in phases.items()}
         answered = sum(r["requests"] - r["errors"] for k in phases["captured"] for r in phases["captured"][k])
         got = read_capture(capture_dir, checkpoint_sha256=file_sha256(ckpt))
-        size = sum(f.stat().st_size for f in capture_dir.glob("capture-*.jsonl"))
+        size = sum(f.stat().st_size for f in capture_dir.glob("capture-*.jsonl*"))  # .part: still open
     report.update(phases=phases, summary=summary, ratios={
         "one_client_p50": summary["captured"]["one_client_p50_ms"] / summary["plain"]["one_client_p50_ms"],
         "saturation_img_s": summary["captured"]["saturation_img_s"] / summary["plain"]["saturation_img_s"]},

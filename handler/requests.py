@@ -26,7 +26,7 @@ from handler.errors import InputError
 OPTIONS = ("dim", "operating_point", "top_k", "return_embedding", "neighbors", "funnel")
 # Served search methods (retrieval/search.py; HNSW is evaluated there, not served: its index holds
 # a float32 copy of the whole gallery). Named here so that parsing needs no FAISS.
-FUNNELS = ("rerank", "funnel", "exact")
+FUNNELS = ("rerank", "rerank16", "funnel", "exact")
 MAX_NEIGHBORS = 100
 IMAGE_FIELDS = ("body", "data", "file", "image")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

@@ -31,8 +31,8 @@ import numpy as np
 from bench.run import machine
 from handler.checkpoint import file_sha256
 from retrieval.build_index import embed
-from retrieval.gallery import Gallery
-from retrieval.search import METHODS, knn_labels, search
+from retrieval.gallery import EMBED_DIM, Gallery
+from retrieval.search import FUNNELS, knn_labels, search
 
 K = 10
 
@@ -52,33 +52,112 @@ def recall_against(index: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.array([len(set(a) & set(b)) / len(b) for a, b in zip(index.tolist(), reference.tolist())])
 
 
-def evaluate(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, *, single: int = 200,
-             nesting=(8, 16, 32, 64, 128, 256, 512, 1024, 2048)) -> dict:
-    results, reference = {}, None
-    for method in METHODS:
-        if method == "hnsw" and gallery.hnsw is None:
-            continue
-        t0 = time.perf_counter()
-        r = search(gallery, queries, K, method)
-        batched_s = time.perf_counter() - t0
-        times = []
-        for i in range(min(single, len(queries))):
-            t = time.perf_counter()
-            search(gallery, queries[i:i + 1], K, method)
-            times.append(time.perf_counter() - t)
-        if method == "exact":
-            reference = r.index
-        got = gallery.labels[r.index]
-        results[method] = {
-            "mAP@10": float(average_precision_at_k(got, labels).mean()),
+DEFAULT = "rerank"                       # the funnel a neighbours request uses unless it names one
+HNSW_EF = (16, 32, 64, 128, 256, 512)    # efSearch values swept to meet the funnel's recall
+
+
+def timed(gallery: Gallery, queries: np.ndarray, single: int, method: str, **kw):
+    """(result for all queries, batched seconds per query, median seconds of one query alone)."""
+    t0 = time.perf_counter()
+    r = search(gallery, queries, K, method, **kw)
+    batched = (time.perf_counter() - t0) / len(queries)
+    times = []
+    for i in range(min(single, len(queries))):
+        t = time.perf_counter()
+        search(gallery, queries[i:i + 1], K, method, **kw)
+        times.append(time.perf_counter() - t)
+    return r, batched, statistics.median(times)
+
+
+def scores(r, gallery: Gallery, labels: np.ndarray, reference: np.ndarray, batched: float, single: float) -> dict:
+    got = gallery.labels[r.index]
+    return {"mAP@10": float(average_precision_at_k(got, labels).mean()),
             "precision@10": float(precision_at_k(got, labels).mean()),
             "recall@10_vs_exact": float(recall_against(r.index, reference).mean()),
             "mflops_per_query": r.flops / 1e6, "stages": r.stages,
-            "ms_per_query_single": 1000 * statistics.median(times),
-            "ms_per_query_batched": 1000 * batched_s / len(queries)}
-        print(method, json.dumps({k: v for k, v in results[method].items() if k != "stages"}), flush=True)
-    knn = {str(m): float((knn_labels(gallery, queries, m, K) == labels).mean()) for m in nesting}
-    return {"methods": results, "knn_top1": knn}
+            "ms_per_query_single": 1000 * single, "ms_per_query_batched": 1000 * batched}
+
+
+def evaluate(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, *, single: int = 200,
+             nesting=(8, 16, 32, 64, 128, 256, 512, 1024, 2048), knn: bool = True) -> dict:
+    """Every method on one gallery, side by side; exact search runs on a FAISS flat index."""
+    gallery.add_exact_index()
+    results = {}
+    r, b, s1 = timed(gallery, queries, single, "exact")
+    reference = r.index
+    results["exact"] = scores(r, gallery, labels, reference, b, s1)
+    for method in FUNNELS:
+        r, b, s1 = timed(gallery, queries, single, method)
+        results[method] = scores(r, gallery, labels, reference, b, s1)
+    hnsw = []
+    if gallery.hnsw is not None:
+        for ef in HNSW_EF:
+            r, b, s1 = timed(gallery, queries, single, "hnsw", ef_search=ef)
+            hnsw.append({"efSearch": ef, **scores(r, gallery, labels, reference, b, s1)})
+    for name, row in [*results.items(), *((f"hnsw ef={h['efSearch']}", h) for h in hnsw)]:
+        print(name, json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}), flush=True)
+    out = {"methods": results, "hnsw_sweep": hnsw, "default": DEFAULT}
+    d, e = results[DEFAULT], results["exact"]
+    out["default_vs_exact"] = {
+        "mAP@10_gap_pt": 100 * (e["mAP@10"] - d["mAP@10"]), "recall@10": d["recall@10_vs_exact"],
+        "flops_ratio": e["mflops_per_query"] / d["mflops_per_query"],
+        "speedup_single": e["ms_per_query_single"] / d["ms_per_query_single"],
+        "speedup_batched": e["ms_per_query_batched"] / d["ms_per_query_batched"]}
+    matched = next((h for h in hnsw if h["recall@10_vs_exact"] >= d["recall@10_vs_exact"]), None)
+    if matched:   # HNSW at the smallest efSearch that reaches the default funnel's recall
+        out["hnsw_at_equal_recall"] = {
+            "efSearch": matched["efSearch"], "recall@10": matched["recall@10_vs_exact"],
+            "mAP@10": matched["mAP@10"], "ms_per_query_single": matched["ms_per_query_single"],
+            "default_speedup_single": matched["ms_per_query_single"] / d["ms_per_query_single"],
+            "flops_ratio": matched["mflops_per_query"] / d["mflops_per_query"]}
+    if knn:
+        out["knn_top1"] = {str(m): float((knn_labels(gallery, queries, m, K) == labels).mean()) for m in nesting}
+    return out
+
+
+SWEEP = [(m, c) for m in (8, 16, 32, 64) for c in (100, 200, 400, 800)]
+
+
+def sweep(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, grid=SWEEP) -> list[dict]:
+    """Single-stage funnels (shortlist c at m dims, rerank at 2048) over a grid, batched: how
+    recall and mAP trade against FLOPs, to choose the default on queries that are not the test's."""
+    gallery.add_exact_index()
+    reference = search(gallery, queries, K, "exact").index
+    rows = []
+    for m, c in grid:
+        t0 = time.perf_counter()
+        r = search(gallery, queries, K, "custom", stages=((m, c), (EMBED_DIM, K)))
+        row = {"dim": m, "shortlist": c, **scores(r, gallery, labels, reference, (time.perf_counter() - t0) / len(queries), float("nan"))}
+        del row["ms_per_query_single"], row["stages"]
+        print(f"sweep {m}->{c}", json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def cost_curve(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, sizes, single: int) -> list[dict]:
+    """Exact search and the funnels at the gallery's first N items for each N: how cost grows."""
+    rows = []
+    for n in sizes:
+        sub = gallery.subset(n)
+        sub.add_exact_index()
+        row = {"n": len(sub)}
+        r, b, s1 = timed(sub, queries, single, "exact")
+        reference = r.index
+        row["exact"] = scores(r, sub, labels, reference, b, s1)
+        for method in FUNNELS:
+            r, b, s1 = timed(sub, queries, single, method)
+            row[method] = scores(r, sub, labels, reference, b, s1)
+        print(f"n={len(sub)}", json.dumps({m: {k: round(row[m][k], 4) for k in ("mAP@10", "recall@10_vs_exact",
+              "ms_per_query_single", "ms_per_query_batched")} for m in ("exact", *FUNNELS)}), flush=True)
+        rows.append(row)
+        del sub
+    return rows
+
+
+def isa(m: dict) -> str:
+    """The machine line every figure carries: CPU, cores and the vector ISA that matters here."""
+    flags = [f for f in ("amx", "avx512_bf16", "vnni", "avx512f", "avx2") if m.get(f)]
+    return f"{m['cpu']}, {m['cores']} cores, {'+'.join(flags) or 'no AVX2'}"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -86,18 +165,40 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curve = report.get("cost_curve")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
-    for method, r in report["methods"].items():
-        for ax, key in zip(axes, ("mAP@10", "recall@10_vs_exact")):
-            ax.plot(r["mflops_per_query"], r[key], "o", ms=8, label=method)
-            ax.annotate(method, (r["mflops_per_query"], r[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    for ax, key in zip(axes, ("mAP@10 (paper's definition)", "recall@10 against exact 2048-d")):
-        ax.set_xscale("log")
-        ax.set_xlabel("MFLOPs per query (log)")
-        ax.set_ylabel(key)
-        ax.grid(True, alpha=0.3)
+    if curve:
+        for method in ("exact", *FUNNELS):
+            for ax, key in zip(axes, ("ms_per_query_single", "ms_per_query_batched")):
+                ax.plot([row["n"] for row in curve], [row[method][key] for row in curve], "o-", label=method)
+        for ax, what in zip(axes, ("one query at a time (median)", "all queries in one batch")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("gallery items (log)")
+            ax.set_ylabel(f"ms per query, {what}")
+            ax.grid(True, alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+    else:
+        points = [(m, r) for m, r in report["methods"].items()]
+        sweep = report.get("hnsw_sweep") or []
+        for ax, (xkey, ykey, xlabel, ylabel) in zip(axes, (
+                ("ms_per_query_single", "recall@10_vs_exact", "ms per query, one at a time (log)",
+                 "recall@10 against exact 2048-d"),
+                ("mflops_per_query", "mAP@10", "MFLOPs per query (log)", "mAP@10 (the paper's definition)"))):
+            for method, r in points:
+                ax.plot(r[xkey], r[ykey], "o", ms=8)
+                ax.annotate(method, (r[xkey], r[ykey]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if sweep:
+                ax.plot([h[xkey] for h in sweep], [h[ykey] for h in sweep], "s--", ms=5, color="grey",
+                        label="FAISS HNSW-32 at 2048, efSearch " + "/".join(str(h["efSearch"]) for h in sweep))
+                ax.legend(fontsize=8, loc="center right")
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
     fig.suptitle(f"{report['gallery']['n']:,}-item gallery ({report['gallery']['spec']}), "
-                 f"{report['queries']['n']:,} queries ({report['queries']['spec']})", fontsize=10)
+                 f"{report['queries']['n']:,} queries ({report['queries']['spec']}); {isa(report['machine'])}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -110,22 +211,37 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--queries", required=True, help="a data spec never in the gallery")
     p.add_argument("--limit", type=int, default=None, help="the first N query images")
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated gallery sizes: a cost curve over the gallery's first N items instead")
+    p.add_argument("--sweep", action="store_true",
+                   help="single-stage funnels over a grid of prefix sizes and shortlists instead (batched)")
     p.add_argument("--out", required=True, help="JSON report; the plot goes beside it (.png)")
     args = p.parse_args(argv)
-    gallery = Gallery.open(args.gallery, checkpoint_sha256=file_sha256(args.checkpoint))
+    gallery = Gallery.open(args.gallery, checkpoint_sha256=file_sha256(args.checkpoint), hnsw=not args.sizes)
     if gallery.meta["spec"] == args.queries:
         p.error(f"the queries ({args.queries}) must come from another split than the gallery's")
     queries, labels = embed(args.checkpoint, args.queries, limit=args.limit)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    import faiss
+    report = {"machine": machine(), "faiss": {"version": faiss.__version__, "threads": faiss.omp_get_max_threads()},
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python retrieval/evaluate.py " + " ".join(argv or sys.argv[1:]),
               "gallery": {k: gallery.meta[k] for k in ("spec", "limit", "n", "checkpoint", "numerics", "hnsw")},
-              "queries": {"spec": args.queries, "n": len(queries)}, "k": K,
-              **evaluate(gallery, queries, labels, single=args.single)}
+              "queries": {"spec": args.queries, "n": len(queries)}, "k": K}
+    if args.sweep:
+        report["sweep"] = sweep(gallery, queries, labels)
+    elif args.sizes:
+        report["cost_curve"] = cost_curve(gallery, queries, labels, [int(n) for n in args.sizes.split(",")],
+                                          args.single)
+    else:
+        report.update(evaluate(gallery, queries, labels, single=args.single))
+        print("default vs exact", json.dumps(report["default_vs_exact"]),
+              "HNSW at equal recall", json.dumps(report.get("hnsw_at_equal_recall")), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png').name}")
+    if not args.sweep:
+        plot(report, out.with_suffix(".png"))
+    print(f"wrote {out}" + ("" if args.sweep else f" and {out.with_suffix('.png').name}"))
     return report
 
 

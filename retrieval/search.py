@@ -6,7 +6,9 @@ keeps the best ``keep``; the last keeps the k asked for. Scores are cosine simil
 separately normalised prefixes.
 
     exact    the whole gallery at 2048 dims (the reference)
-    rerank   shortlist 200 at 16 dims, rerank at 2048 (the MRL paper's adaptive retrieval)
+    rerank   shortlist 200 at 32 dims, rerank at 2048: the default, chosen on holdout queries
+             (docs/retrieval.md): the cheapest single-stage funnel there with recall@10 >= 0.97
+    rerank16 shortlist 200 at 16 dims, rerank at 2048 (the MRL paper's adaptive retrieval)
     funnel   8 -> 16 -> 32 -> 64 -> 128 -> 2048 keeping 800, 400, 200, 50, 10 (the paper's funnel)
     hnsw     FAISS HNSW (M=32) at 2048 dims
 
@@ -24,10 +26,12 @@ import torch
 from retrieval.gallery import EMBED_DIM, Gallery, normalize, prefix
 
 FUNNELS: dict[str, tuple[tuple[int, int], ...]] = {
-    "rerank": ((16, 200), (EMBED_DIM, 10)),
+    "rerank": ((32, 200), (EMBED_DIM, 10)),
+    "rerank16": ((16, 200), (EMBED_DIM, 10)),
     "funnel": ((8, 800), (16, 400), (32, 200), (64, 50), (128, 10), (EMBED_DIM, 10)),
 }
 METHODS = ("exact", *FUNNELS, "hnsw")
+RESCORE_FLOATS = 1 << 20   # candidate floats a rescoring stage holds at once (4 MiB: stays in cache)
 
 
 @dataclass
@@ -38,8 +42,9 @@ class Result:
     flops: float            # per query
 
 
-def funnel_stages(name_or_stages, k: int, gallery: Gallery) -> tuple[tuple[int, int], ...]:
-    """Validate a funnel for a k-NN query: named or explicit stages, the last one keeping k."""
+def funnel_stages(name_or_stages, k: int, n: int, start_dims) -> tuple[tuple[int, int], ...]:
+    """Validate a funnel for a k-NN query over ``n`` items whose shortlist index exists at the
+    prefix sizes ``start_dims``: named or explicit stages, the last one keeping k."""
     named = isinstance(name_or_stages, str)
     stages = FUNNELS[name_or_stages] if named else tuple(name_or_stages)
     if not stages:
@@ -49,13 +54,13 @@ def funnel_stages(name_or_stages, k: int, gallery: Gallery) -> tuple[tuple[int, 
     stages = stages[:-1] + ((stages[-1][0], k),)
     dims = [d for d, _ in stages]
     keeps = [n for _, n in stages]
-    if dims[0] not in gallery.flat:
-        raise ValueError(f"a funnel starts at a prefix with an index: {sorted(gallery.flat)}, not {dims[0]}")
+    if dims[0] not in start_dims:
+        raise ValueError(f"a funnel starts at a prefix with an index: {sorted(start_dims)}, not {dims[0]}")
     if dims != sorted(set(dims)) or dims[-1] > EMBED_DIM:
         raise ValueError(f"funnel dims must increase up to {EMBED_DIM}, got {dims}")
     if any(b > a for a, b in zip(keeps, keeps[1:])):
         raise ValueError(f"funnel shortlists cannot grow, got {keeps} (the last is k={k})")
-    clamped, most = [], len(gallery)  # a small gallery: no stage keeps more than it was given
+    clamped, most = [], n  # a small gallery: no stage keeps more than it was given
     for d, n in stages:
         most = min(n, most)
         clamped.append((d, most))
@@ -69,8 +74,9 @@ def search(gallery: Gallery, queries: np.ndarray, k: int, method: str = "rerank"
         raise ValueError(f"k must be in 1..{len(gallery)} (the gallery size), got {k}")
     q = normalize(queries)
     n = len(gallery)
-    if method == "exact":
-        score, index = exact_topk(gallery, q, k, EMBED_DIM)
+    if method == "exact":   # FAISS brute force where the gallery has a 2048-d flat index in memory
+        score, index = (gallery.flat[EMBED_DIM].search(q, k) if EMBED_DIM in gallery.flat
+                        else exact_topk(gallery, q, k, EMBED_DIM))
         return Result(index, score, [{"dim": EMBED_DIM, "candidates": n, "kept": k}], 2.0 * EMBED_DIM * n)
     if method == "hnsw":
         import faiss
@@ -83,13 +89,15 @@ def search(gallery: Gallery, queries: np.ndarray, k: int, method: str = "rerank"
         return Result(index, score, [{"dim": EMBED_DIM, "candidates": ndis, "kept": k}], 2.0 * EMBED_DIM * ndis)
     if method not in FUNNELS and stages is None:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
-    plan = funnel_stages(stages if stages is not None else method, k, gallery)
+    plan = funnel_stages(stages if stages is not None else method, k, n, gallery.flat)
     d0, k0 = plan[0]
     score, index = gallery.flat[d0].search(prefix(q, d0), k0)
     info, flops = [{"dim": d0, "candidates": n, "kept": k0}], 2.0 * d0 * n
     for dim, keep in plan[1:]:
-        cand = gallery.rows(index, dim)                                  # (Q, c, dim)
-        s = np.einsum("qcd,qd->qc", cand, prefix(q, dim))
+        s, qd = np.empty(index.shape, np.float32), prefix(q, dim)
+        step = max(1, RESCORE_FLOATS // (index.shape[1] * dim))        # queries per slice: bounded memory
+        for lo in range(0, len(q), step):
+            s[lo:lo + step] = gallery.cosine(index[lo:lo + step], qd[lo:lo + step])
         order = np.argsort(-s, axis=1, kind="stable")[:, :keep]
         info.append({"dim": dim, "candidates": index.shape[1], "kept": keep})
         flops += 2.0 * dim * index.shape[1]
@@ -103,8 +111,8 @@ def exact_topk(gallery: Gallery, q: np.ndarray, k: int, m: int, chunk: int = 163
     best_s = torch.full((len(q), 0), -np.inf)
     best_i = torch.zeros((len(q), 0), dtype=torch.int64)
     for lo in range(0, len(gallery), chunk):
-        block = torch.from_numpy(prefix(gallery.vectors[lo:lo + chunk], m))
-        s = qm @ block.T
+        block = torch.from_numpy(np.array(gallery.vectors[lo:lo + chunk, :m])).float()  # F16C, not numpy's
+        s = (qm @ block.T) / torch.linalg.vector_norm(block, dim=1).clamp_min(1e-12)
         s_all, i_all = torch.cat([best_s, s], 1), torch.cat([best_i, torch.arange(lo, lo + len(block)).expand(len(q), -1)], 1)
         top = torch.topk(s_all, min(k, s_all.shape[1]), dim=1)
         best_s, best_i = top.values, torch.gather(i_all, 1, top.indices)

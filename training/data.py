@@ -4,7 +4,8 @@
 * ``fashion-mnist:holdout`` the other 5,000: threshold calibration only, never trained on;
 * ``fashion-mnist:test``    the official 10,000 test images: reporting only;
 * ``han1000:train|holdout|test|ood``  1000 printed Han characters rendered from Debian's CJK fonts
-  (``training.glyphs`` says how);
+  (``training.glyphs`` says how); ``han1000:gallery`` a million more renders of the training
+  families, never trained on, for retrieval galleries;
 * ``/path/to/folder``       one subfolder per class, named by class index (``0/``) or exact name.
 
 ``dataset_info(spec)`` says what training needs to know of a spec's data set: its classes, its

@@ -4,6 +4,7 @@
     han1000:holdout  training families, 1000 x 10, their own render seeds: calibration only
     han1000:test     held-out families never trained on, 1000 x 10: reporting only
     han1000:ood      brush and handwriting families, 1000 x 5: drift experiments only
+    han1000:gallery  training families, 1000 x 1000, their own render seeds: retrieval galleries only
 
 The fonts and their split live in ``han_fonts.json`` beside this file (one list: family, Debian
 package, split, faces with sha256). Families, not faces, are split: the Noto CJK SC/TC/JP/KR/HK
@@ -44,9 +45,9 @@ NUM_CLASSES = 1000
 SIZE = 32             # output side in pixels (the model's input size)
 SUPERSAMPLE = 3       # geometry and stroke weight work at SIZE * SUPERSAMPLE, then box-downsample
 EM_FRACTION = 0.80    # the font's em square as a fraction of the output side, before scale jitter
-SPLIT_SEED = {"train": 1, "holdout": 2, "test": 3, "ood": 4}
-PER_CLASS = {"train": 300, "holdout": 10, "test": 10, "ood": 5}
-FAMILY_SPLIT = {"train": "train", "holdout": "train", "test": "test", "ood": "ood"}
+SPLIT_SEED = {"train": 1, "holdout": 2, "test": 3, "ood": 4, "gallery": 5}
+PER_CLASS = {"train": 300, "holdout": 10, "test": 10, "ood": 5, "gallery": 1000}
+FAMILY_SPLIT = {"train": "train", "holdout": "train", "test": "test", "ood": "ood", "gallery": "train"}
 CACHE = Path(os.environ.get("MRL_CACHE", Path.home() / ".cache" / "mrl-serve"))
 
 

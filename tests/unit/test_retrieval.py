@@ -60,8 +60,9 @@ def test_a_funnel_whose_shortlist_is_the_gallery_is_exact(gallery, data):
 
 def test_named_funnels_report_their_stages_and_cost(gallery, data):
     _, _, queries, _ = data
-    r = search(gallery, queries, 10, "rerank")
+    r = search(gallery, queries, 10, "rerank16")
     assert [(s["dim"], s["candidates"], s["kept"]) for s in r.stages] == [(16, N, 200), (2048, 200, 10)]
+    assert [s["dim"] for s in search(gallery, queries, 10, "rerank").stages] == [32, 2048]
     assert r.flops == 2 * 16 * N + 2 * 2048 * 200
     f = search(gallery, queries, 5, "funnel")
     assert [s["kept"] for s in f.stages] == [800, 400, 200, 50, 10, 5] and f.index.shape == (200, 5)
@@ -109,4 +110,64 @@ def test_metrics_follow_their_definitions():
     np.testing.assert_allclose(average_precision_at_k(retrieved, q), [(1 + 2 / 3) / 10, 0.0, 1.0])
     np.testing.assert_allclose(precision_at_k(retrieved, q), [0.2, 0.0, 1.0])
     np.testing.assert_allclose(recall_against(np.array([[1, 2, 3]]), np.array([[3, 4, 1]])), [2 / 3])
-    assert funnel_stages("rerank", 7, type("G", (), {"flat": {16: 0}, "__len__": lambda s: 100})()) == ((16, 100), (2048, 7))
+    assert funnel_stages("rerank16", 7, 100, {16}) == ((16, 100), (2048, 7))
+
+
+def test_a_subset_is_the_first_items_with_their_own_indexes(gallery, data):
+    emb, _, queries, _ = data
+    sub = gallery.subset(500)
+    assert len(sub) == 500 and sub.flat[16].ntotal == 500 and sub.hnsw is None
+    r = search(sub, queries, 10, "exact")
+    assert r.index.max() < 500
+    assert recall_against(r.index, brute(emb[:500], queries, 2048, 10)).mean() > 0.99
+
+
+def test_exact_search_on_a_faiss_flat_index_agrees_with_the_brute_force_path(gallery, data, tmp_path):
+    _, _, queries, _ = data
+    plain = Gallery.open(gallery.folder)
+    torch_path = search(plain, queries, 10, "exact")
+    plain.add_exact_index()
+    faiss_path = search(plain, queries, 10, "exact")
+    assert recall_against(faiss_path.index, torch_path.index).mean() > 0.995
+    np.testing.assert_allclose(faiss_path.score, torch_path.score, atol=1e-4)
+
+
+def test_evaluation_reports_every_method_side_by_side(gallery, data):
+    from retrieval.evaluate import cost_curve, evaluate
+    _, _, queries, qlabels = data
+    g = Gallery.open(gallery.folder)
+    report = evaluate(g, queries, qlabels, single=5, nesting=(16, 2048))
+    assert set(report["methods"]) == {"exact", "rerank", "rerank16", "funnel"}
+    assert [h["efSearch"] for h in report["hnsw_sweep"]] == [16, 32, 64, 128, 256, 512]
+    exact = report["methods"]["exact"]
+    assert exact["recall@10_vs_exact"] == 1.0 and exact["mflops_per_query"] == 2 * 2048 * N / 1e6
+    d = report["default_vs_exact"]
+    assert d["flops_ratio"] == pytest.approx(2 * 2048 * N / (2 * 32 * N + 2 * 2048 * 200))
+    assert report["hnsw_at_equal_recall"]["recall@10"] >= d["recall@10"]
+    assert set(report["knn_top1"]) == {"16", "2048"}
+    rows = cost_curve(g, queries[:20], qlabels[:20], [300, N], single=3)
+    assert [r["n"] for r in rows] == [300, N] and rows[0]["exact"]["mflops_per_query"] == 2 * 2048 * 300 / 1e6
+
+
+def test_building_an_index_twice_gives_the_same_bytes(tiny_checkpoint, tmp_path):
+    """build_index embeds through the serving Engine; two builds of one spec are byte-identical
+    (the flat indexes, vectors, labels and ids; meta differs only in its creation time)."""
+    import json
+    from retrieval import build_index
+    from training.data import fashion_mnist
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        build_index.main(["--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "300",
+                          "--hnsw-m", "0", "--out", str(out)])
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == ["flat-16.faiss", "flat-32.faiss", "flat-64.faiss", "flat-8.faiss", "ids.npy", "labels.npy",
+                     "meta.json", "vectors.f16"]
+    for name in names[:-2] + ["vectors.f16"]:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    metas = [json.loads((o / "meta.json").read_text()) for o in outs]
+    for m in metas:
+        m.pop("created")
+    assert metas[0] == metas[1] and metas[0]["n"] == 300 and metas[0]["spec"] == "fashion-mnist:test"
+    g = Gallery.open(outs[0])
+    assert np.count_nonzero(np.asarray(g.vectors)) > 0
+    np.testing.assert_array_equal(g.labels, fashion_mnist("test").labels[:300])

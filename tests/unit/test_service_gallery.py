@@ -52,7 +52,7 @@ def service(parts, gallery, registry):
     return MRLService(*parts, name="tiny", gallery=gallery, sink=PrometheusSink(registry))
 
 
-@pytest.mark.parametrize("funnel", ["rerank", "funnel", "exact"])
+@pytest.mark.parametrize("funnel", ["rerank", "rerank16", "funnel", "exact"])
 def test_an_image_in_the_gallery_finds_itself_first(service, images, funnel):
     [(status, body)] = service.handle([{"body": images[17], "neighbors": b"5", "funnel": funnel.encode()}])
     assert status == 200, body
@@ -90,7 +90,7 @@ def test_v2_parameters_and_outputs(service, images):
 @pytest.mark.parametrize("fields, message", [
     ({"neighbors": b"0"}, "neighbors=0 is out of range; allowed: 1 to 60"),
     ({"neighbors": b"61"}, "neighbors=61 is out of range; allowed: 1 to 60 .the gallery holds 60 items"),
-    ({"neighbors": b"3", "funnel": b"hnsw"}, "funnel='hnsw' is unknown; allowed: rerank, funnel, exact"),
+    ({"neighbors": b"3", "funnel": b"hnsw"}, "funnel='hnsw' is unknown; allowed: rerank, rerank16, funnel, exact"),
     ({"funnel": b"exact"}, "funnel applies to a neighbors request"),
     ({"neighbors": b"two"}, "neighbors='two' is not an integer"),
 ])
@@ -109,11 +109,11 @@ def test_retrieval_metrics_count_queries_and_stage_sizes(service, images, regist
     def value(name, **labels):
         return registry.get_sample_value(name, {"model_name": "tiny", **labels}) or 0.0
     before = (value("mrl_retrieval_queries_total", funnel="rerank"),
-              value("mrl_retrieval_candidates_total", funnel="rerank", dim="16"))
+              value("mrl_retrieval_candidates_total", funnel="rerank", dim="32"))
     service.handle([{"body": images[i], "neighbors": b"3"} for i in range(4)])
     assert value("mrl_retrieval_queries_total", funnel="rerank") - before[0] == 4
     # the first stage scores the whole gallery (60 < the 200 shortlist) for each of the 4 queries
-    assert value("mrl_retrieval_candidates_total", funnel="rerank", dim="16") - before[1] == 4 * N
+    assert value("mrl_retrieval_candidates_total", funnel="rerank", dim="32") - before[1] == 4 * N
 
 
 def test_the_request_parser_names_exactly_the_served_search_methods():
