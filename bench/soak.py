@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         ports = {"inference": args.port, "management": args.port + 1, "metrics": args.port + 2}
         config = write_config(tmp / "config.properties", store, ports)
         stop(tmp, env)
+        # kill (SIGTERM) ends a long soak like Ctrl-C: the finally below stops its TorchServe
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             start("mrl_resnet50", 240, root=tmp, config=config, model_store=store, env=env,
                   management=args.management)
@@ -136,7 +139,7 @@ def run(tmp: Path, env: dict, kinds, args, report: dict) -> dict:
     try:
         while time.monotonic() < stop_at:
             time.sleep(max(0.0, min(args.sample_s, stop_at - time.monotonic())))
-            if time.monotonic() >= next_renew:
+            if time.monotonic() >= next_renew and next_renew < stop_at:  # none is due at the very end
                 report["renewals"].append({"t_s": round(time.monotonic() - t0, 1), **renewal(tmp, key, lock, args)})
                 next_renew += args.renew_after_s
             with lock:

@@ -30,7 +30,7 @@ maxWorkers: {workers}
 batchSize: {batch_size}        # dynamic batching: up to this many requests per forward pass
 maxBatchDelay: {batch_delay}     # ms a partial batch waits for company; a lone request waits this long
 responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a stuck worker
-handler:
+{queue}handler:
   graph: {graph}           # eager | jit (traced + frozen) | compile (inductor + freezing)
   threads: {threads}            # intra-op threads per worker; 0 = all cores in the worker's affinity
   channels_last: {channels_last}   # NHWC activations (oneDNN's fast layout on CPU)
@@ -48,6 +48,8 @@ CAPTURE_CONFIG = """\
 
 
 def build(args: argparse.Namespace) -> Path:
+    if args.queue_size is not None and args.queue_size < 1:
+        raise ValueError(f"--queue-size must be at least 1, got {args.queue_size}")
     ckpt = Path(args.checkpoint).resolve()
     model, card = load_mrl_resnet50(ckpt)  # fail here, not at serve time, if it does not load
     if args.capture_dir:
@@ -71,7 +73,9 @@ def build(args: argparse.Namespace) -> Path:
         stage = Path(tmp)
         (stage / "checkpoint.pt").symlink_to(ckpt)
         settings = {**vars(args), "channels_last": str(args.channels_last).lower(),
-                    "jpeg_draft": str(args.jpeg_draft).lower(), "onednn_fusion": str(args.onednn_fusion).lower()}
+                    "jpeg_draft": str(args.jpeg_draft).lower(), "onednn_fusion": str(args.onednn_fusion).lower(),
+                    "queue": "" if args.queue_size is None else
+                    f"jobQueueSize: {args.queue_size}    # requests waiting beyond this get 503 at once\n"}
         config = MODEL_CONFIG.format(**settings)
         if args.gallery_dir:
             config += GALLERY_CONFIG.format(gallery_dir=json.dumps(str(Path(args.gallery_dir).resolve())))
@@ -127,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-delay", type=int, default=5, help="maxBatchDelay in ms")
     p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--queue-size", type=int, default=None,
+                   help="jobQueueSize: requests that may wait for this model before TorchServe answers "
+                        "503 at once; size it to the wait you accept times the model's throughput "
+                        "(default: config.properties' job_queue_size)")
     p.add_argument("--graph", choices=("eager", "jit", "compile"), default="jit")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
