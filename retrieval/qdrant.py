@@ -110,7 +110,7 @@ def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict:
     """How two (Q, k) neighbour lists compare: identical lists, and the same sets in any order."""
     same_list = (ours == theirs).all(axis=1)
     same_set = np.array([set(a) == set(b) for a, b in zip(ours.tolist(), theirs.tolist())])
-    return {"queries": len(ours), "identical": int(same_list.sum()), "same_set": int(same_set.sum()),
+    return {"compared": len(ours), "identical": int(same_list.sum()), "same_set": int(same_set.sum()),
             "differing_queries": np.flatnonzero(~same_set).tolist()}
 
 
@@ -138,12 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
     c.add_argument("--limit", type=int, default=200, help="the first N query images")
     c.add_argument("-k", type=int, default=10)
     c.add_argument("--out", default=None, help="write the comparison as JSON here")
+    c.add_argument("--items", type=int, default=None,
+                   help="the gallery's first N items only (local mode filters in Python: about 5 s a "
+                        "query at 100,000 items on 2 cores)")
     args = p.parse_args(argv)
 
     from tqdm import tqdm
     from handler.checkpoint import file_sha256
     sha = file_sha256(args.checkpoint) if args.cmd == "check" else None
     gallery = Gallery.open(args.gallery, checkpoint_sha256=sha, hnsw=False)
+    if getattr(args, "items", None):
+        gallery = gallery.subset(args.items)
     client = connect(args.url, args.path)
     collection = args.collection or gallery.folder.name
     bar = tqdm(total=len(gallery), desc=f"upload to {collection}", unit="item", file=sys.stderr)
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     queries, _ = embed(args.checkpoint, args.queries, limit=args.limit)
     ours = local.search(gallery, queries, args.k, args.funnel)
     theirs, _ = search(client, collection, queries, args.k, args.funnel, checkpoint_sha256=sha)
-    report = {"gallery": str(gallery.folder), "n": len(gallery), "queries": args.queries, "k": args.k,
+    report = {"command": "python -m retrieval.qdrant " + " ".join(argv or sys.argv[1:]),
+              "gallery": str(gallery.folder), "items": len(gallery), "queries": args.queries, "k": args.k,
               "funnel": args.funnel, "stages": ours.stages, "backend": args.url or "qdrant-client local mode",
               **agreement(ours.index, theirs)}
     print(json.dumps(report))

@@ -45,7 +45,7 @@ def test_qdrant_gives_the_in_process_funnels_neighbours(client, gallery_and_quer
     theirs, scores = qdrant.search(client, "g", queries, 10, funnel, checkpoint_sha256="abc")
     assert theirs.shape == (200, 10)
     agree = qdrant.agreement(ours.index, theirs)
-    assert agree["same_set"] == 200 and agree["identical"] >= 198, agree   # float32 near-ties may swap
+    assert agree["compared"] == 200 and agree["same_set"] == 200 and agree["identical"] >= 198, agree   # float32 near-ties may swap
     np.testing.assert_allclose(scores, ours.score, atol=1e-4)
 
 
