@@ -25,11 +25,16 @@ from retrieval.gallery import SHORTLIST_DIMS, build
 
 def embed(checkpoint: str | Path, spec: str, *, limit: int | None = None, graph: str = "jit",
           progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 2048) float32 embeddings and (N,) labels of a spec's first ``limit`` images."""
-    parts, data = [], None
+    """(N, 2048) float32 embeddings and (N,) labels of a spec's first ``limit`` images, written
+    into one array as they come (a list of batches and a concatenation would hold them twice:
+    16 GB at a million items, which the OOM killer ended on this 23 GB machine)."""
+    out, done, data = None, 0, None
     for _probs, emb, data in forward_spec(checkpoint, spec, graph=graph, limit=limit, progress=progress):
-        parts.append(emb.float().numpy())
-    return np.concatenate(parts), np.asarray(data.labels, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(data), emb.shape[1]), dtype=np.float32)
+        out[done:done + len(emb)] = emb.float().numpy()
+        done += len(emb)
+    return out[:done], np.asarray(data.labels, dtype=np.int64)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,10 +1,13 @@
 """Retrieval quality and cost per search method, side by side in one run.
 
-    python retrieval/evaluate.py --gallery galleries/han1000-100k \\
+    python retrieval/evaluate.py --gallery galleries/han-100k \\
         --checkpoint model_store/han1000/mrl_resnet50_fp16.pt --queries han1000:test --out docs/retrieval.json
+    ... --queries han1000:holdout --limit 2000 --sweep --out F   # single-stage funnels over a grid
+    ... --sizes 10000,100000,1000000 --out F                     # cost curve over the first N items
 
 Queries come from a split that is never in the gallery (the spec must differ from the gallery's).
-Per method (exact 2048-d, the single-stage rerank, the paper's funnel, FAISS HNSW):
+Per method (exact 2048-d on a FAISS flat index, each named funnel of retrieval/search.py, FAISS
+HNSW at several efSearch values, and HNSW at the smallest efSearch reaching the default's recall):
 
 * mAP@10 as the MRL paper's notebook computes it (RAIVNLab/MRL retrieval/compute_metrics.ipynb):
   AP@10 = (1/10) * sum of precision@i over the ranks i <= 10 that hold the query's class. Note the
