@@ -6,7 +6,7 @@ one Query API call whose nested ``prefetch`` runs the shortlist and the query re
 
 Each point is one gallery item: its id is the item's position in the gallery, its payload the
 label and item id, and its vectors the separately normalised prefixes the funnel uses, named
-``d{m}`` (the default funnel needs two: ``d16`` and ``d2048``). Qdrant scores them by cosine, as
+``d{m}`` (the default funnel needs two: ``d32`` and ``d2048``). Qdrant scores them by cosine, as
 the in-process search does, so a funnel asked of Qdrant and of retrieval.search gives the same
 neighbours; ``check`` compares the two on real queries (qdrant-client's local mode by default, or a
 server with --url). Needs ``pip install qdrant-client`` (the tests pin it).
