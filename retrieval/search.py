@@ -53,7 +53,7 @@ def funnel_stages(name_or_stages, k: int, n: int, start_dims) -> tuple[tuple[int
         stages = tuple((d, max(n, k)) for d, n in stages)
     stages = stages[:-1] + ((stages[-1][0], k),)
     dims = [d for d, _ in stages]
-    keeps = [n for _, n in stages]
+    keeps = [keep for _, keep in stages]
     if dims[0] not in start_dims:
         raise ValueError(f"a funnel starts at a prefix with an index: {sorted(start_dims)}, not {dims[0]}")
     if dims != sorted(set(dims)) or dims[-1] > EMBED_DIM:
@@ -61,8 +61,8 @@ def funnel_stages(name_or_stages, k: int, n: int, start_dims) -> tuple[tuple[int
     if any(b > a for a, b in zip(keeps, keeps[1:])):
         raise ValueError(f"funnel shortlists cannot grow, got {keeps} (the last is k={k})")
     clamped, most = [], n  # a small gallery: no stage keeps more than it was given
-    for d, n in stages:
-        most = min(n, most)
+    for d, keep in stages:
+        most = min(keep, most)
         clamped.append((d, most))
     return tuple(clamped)
 
