@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, serve_phase
+from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, save_report, serve_phase
 from handler.capture import FLUSH_S, read_capture
 from handler.checkpoint import file_sha256
 from model_store.build_archive import archive
@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         "saturation_img_s": summary["captured"]["saturation_img_s"] / summary["plain"]["saturation_img_s"]},
         capture={"answered": answered, "records": len(got.conf), "bytes": size,
                  "bytes_per_record": size / max(len(got.conf), 1)})
-    print(json.dumps({"summary": summary, "ratios": report["ratios"], "capture": report["capture"]}, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
+    return save_report(report, args.out, {"summary": summary, "ratios": report["ratios"], "capture": report["capture"]})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, serve_phase
+from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, save_report, serve_phase
 from model_store.build_archive import archive
 from model_store.serve import stop, start, write_config
 from retrieval.gallery import read_meta
@@ -69,11 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = summary["classify"]["p50_ms"]
     report.update(phases=phases, summary=summary,
                   added_p50_ms={k: summary[k]["p50_ms"] - base for k in kinds if k != "classify"})
-    print(json.dumps({"summary": summary, "added_p50_ms": report["added_p50_ms"]}, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
+    return save_report(report, args.out, {"summary": summary, "added_p50_ms": report["added_p50_ms"]})
 
 
 if __name__ == "__main__":

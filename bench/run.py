@@ -64,6 +64,15 @@ def machine() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags}
 
 
+def save_report(report: dict, out: str | Path, headline: dict) -> dict:
+    """Print a benchmark's headline figures, write its whole report as JSON to ``out``."""
+    print(json.dumps(headline, indent=2))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
 def times_of(fn, repeat: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()

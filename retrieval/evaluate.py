@@ -81,17 +81,23 @@ def scores(r, gallery: Gallery, labels: np.ndarray, reference: np.ndarray, batch
             "ms_per_query_single": 1000 * single, "ms_per_query_batched": 1000 * batched}
 
 
-def evaluate(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, *, single: int = 200,
-             nesting=(8, 16, 32, 64, 128, 256, 512, 1024, 2048), knn: bool = True) -> dict:
-    """Every method on one gallery, side by side; exact search runs on a FAISS flat index."""
+def exact_and_funnels(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, single: int):
+    """Exact search (on a FAISS flat index at 2048) and every named funnel, timed side by side:
+    ({method: scores}, the exact neighbours every recall is measured against)."""
     gallery.add_exact_index()
-    results = {}
     r, b, s1 = timed(gallery, queries, single, "exact")
     reference = r.index
-    results["exact"] = scores(r, gallery, labels, reference, b, s1)
+    results = {"exact": scores(r, gallery, labels, reference, b, s1)}
     for method in FUNNELS:
         r, b, s1 = timed(gallery, queries, single, method)
         results[method] = scores(r, gallery, labels, reference, b, s1)
+    return results, reference
+
+
+def evaluate(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, *, single: int = 200,
+             nesting=(8, 16, 32, 64, 128, 256, 512, 1024, 2048), knn: bool = True) -> dict:
+    """Every method on one gallery, side by side; exact search runs on a FAISS flat index."""
+    results, reference = exact_and_funnels(gallery, queries, labels, single)
     hnsw = []
     if gallery.hnsw is not None:
         for ef in HNSW_EF:
@@ -142,14 +148,7 @@ def cost_curve(gallery: Gallery, queries: np.ndarray, labels: np.ndarray, sizes,
     rows = []
     for n in sizes:
         sub = gallery.subset(n)
-        sub.add_exact_index()
-        row = {"n": len(sub)}
-        r, b, s1 = timed(sub, queries, single, "exact")
-        reference = r.index
-        row["exact"] = scores(r, sub, labels, reference, b, s1)
-        for method in FUNNELS:
-            r, b, s1 = timed(sub, queries, single, method)
-            row[method] = scores(r, sub, labels, reference, b, s1)
+        row = {"n": len(sub), **exact_and_funnels(sub, queries, labels, single)[0]}
         print(f"n={len(sub)}", json.dumps({m: {k: round(row[m][k], 4) for k in ("mAP@10", "recall@10_vs_exact",
               "ms_per_query_single", "ms_per_query_batched")} for m in ("exact", *FUNNELS)}), flush=True)
         rows.append(row)
