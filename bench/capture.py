@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         store, capture_dir = tmp / "store", tmp / "capture"
         store.mkdir()
         for name in NAMES:
-            archive(ckpt, store, thresholds=thresholds, name=name, batch_size=args.batch_size,
+            archive(ckpt, store, thresholds=thresholds, name=name, batch_size=args.batch_size, workers=1,
                     capture_dir=capture_dir if name == "captured" else None)
         config = write_config(tmp / "config.properties", store,
                               extra="\nload_models=" + ",".join(f"{n}.mar" for n in NAMES) + "\n")

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         store = tmp / "model_store"
         store.mkdir()
-        archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")
+        archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json", workers=1)
         keys = tmp / "api_keys"
         keys.write_text(KEY + "\n")
         for n in (1, args.replicas):

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmpdir)
         store = tmp / "store"
         store.mkdir()
-        archive(ckpt, store, thresholds=folder / "thresholds.json", name="han1000", gallery_dir=args.gallery)
+        archive(ckpt, store, thresholds=folder / "thresholds.json", name="han1000", gallery_dir=args.gallery,
+                workers=1)
         config = write_config(tmp / "config.properties", store, extra="\nload_models=han1000.mar\n")
         stop(tmp)
         try:

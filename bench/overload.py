@@ -107,7 +107,7 @@ def serve(tmp: Path, ckpt: Path, env: dict, queue_size: int | None, batch_size: 
         for f in store.iterdir():
             f.unlink()
     store.mkdir(exist_ok=True)
-    archive(ckpt, store, batch_size=batch_size, timeout=TIMEOUT_S, queue_size=queue_size)
+    archive(ckpt, store, batch_size=batch_size, timeout=TIMEOUT_S, queue_size=queue_size, workers=1)
     config = write_config(tmp / "config.properties", store)
     start("mrl_resnet50", 300, root=tmp, config=config, model_store=store, env=env)
 

@@ -170,7 +170,7 @@ def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, bat
     """Archive, start TorchServe with the mode's environment; seconds from --start to READY."""
     store = tmp / "store"
     store.mkdir(exist_ok=True)
-    archive(ckpt, store, graph=mode["graph"], batch_size=batch_size, batch_delay=batch_delay,
+    archive(ckpt, store, graph=mode["graph"], batch_size=batch_size, batch_delay=batch_delay, workers=1,
             channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds)
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     if mode["malloc"]:

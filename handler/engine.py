@@ -13,7 +13,12 @@ too, so thresholds are fit with the numerics that serve.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -22,6 +27,7 @@ from torch import nn
 
 from handler.model import MRLResNet50
 
+log = logging.getLogger(__name__)
 GRAPH_MODES = ("eager", "jit", "compile")
 
 
@@ -64,7 +70,8 @@ class Engine:
 
     def __init__(self, model: MRLResNet50, *, numerics: str = "fp32", device: str | torch.device = "cpu",
                  graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,),
-                 channels_last: bool = True, onednn_fusion: bool = True) -> None:
+                 channels_last: bool = True, onednn_fusion: bool = True,
+                 graph_cache: str | os.PathLike | None = None, cache_key: str = "") -> None:
         if numerics not in ("fp32", "bf16"):
             raise ValueError(f"numerics must be 'fp32' or 'bf16', got {numerics!r}")
         if graph not in GRAPH_MODES:
@@ -74,11 +81,13 @@ class Engine:
             raise ValueError(f"numerics 'bf16' is not supported on {self.device}; serve with 'fp32'")
         self.numerics, self.graph, self.nesting = numerics, graph, model.nesting
         self.onednn_fusion = False
+        self.graph_cached = False  # the frozen graph came from ``graph_cache`` (no trace this start)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autocast = numerics == "bf16"
         module = _Serving(model.eval().to(self.device, memory_format=self.memory_format)).eval()
         example = torch.zeros(max(batch_sizes), 3, input_size, input_size, device=self.device
                               ).to(memory_format=self.memory_format)
+        t0 = time.perf_counter()
         with torch.inference_mode():
             if graph == "jit":
                 # A process-wide switch, read when the profiling executor optimizes the graph
@@ -87,16 +96,58 @@ class Engine:
                 torch.jit.enable_onednn_fusion(self.onednn_fusion)
                 # Autocast's weight cache would be baked into the trace as constants of the
                 # wrong dtype; the notes in torch.jit's autocast docs ask for cache_enabled=False.
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast,
-                                    cache_enabled=False):
-                    traced = torch.jit.trace(module, example, check_trace=False)
-                module = torch.jit.freeze(traced)
+                cached = self._cached_graph(graph_cache, cache_key, example)
+                if cached is not None:
+                    module = cached
+                else:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast,
+                                        cache_enabled=False):
+                        traced = torch.jit.trace(module, example, check_trace=False)
+                    module = torch.jit.freeze(traced)
+                    self._save_graph(module, graph_cache, cache_key, example)
             elif graph == "compile":
                 import torch._inductor.config as inductor_config
                 inductor_config.freezing = True  # fold weights and BN into the graph
                 module = torch.compile(module, dynamic=False)
         self.module = module
+        t1 = time.perf_counter()
         self.warm_up(batch_sizes, input_size)
+        # Where a worker's start goes (logged by the TorchServe handler; bench/recovery.py reads it).
+        self.timings = {"graph_s": t1 - t0, "warm_up_s": time.perf_counter() - t1}
+
+    def _graph_file(self, folder, key: str, example: torch.Tensor) -> Path | None:
+        """Where the frozen graph for this model and these settings lives in ``folder``: a name
+        that changes with anything that changes the graph (the model's ``key``, e.g. its
+        checkpoint's sha256, torch's version, numerics, device, memory format, input shape)."""
+        if folder is None or not key:
+            return None
+        what = json.dumps([key, torch.__version__, self.numerics, str(self.device), str(self.memory_format),
+                           list(example.shape)])
+        return Path(folder) / f"frozen-{hashlib.sha256(what.encode()).hexdigest()[:16]}.pt"
+
+    def _cached_graph(self, folder, key: str, example: torch.Tensor):
+        path = self._graph_file(folder, key, example)
+        if path is None or not path.exists():
+            return None
+        try:
+            module = torch.jit.load(str(path), map_location=self.device)
+        except (RuntimeError, OSError) as exc:  # a damaged file: trace again, and overwrite it
+            log.warning("cached graph %s could not be loaded (%s): tracing again", path, exc)
+            return None
+        self.graph_cached = True
+        return module
+
+    def _save_graph(self, module, folder, key: str, example: torch.Tensor) -> None:
+        path = self._graph_file(folder, key, example)
+        if path is None:
+            return
+        try:  # written whole, then renamed: a worker starting beside this one never reads half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            torch.jit.save(module, str(tmp))
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only folder costs the next start a trace, nothing else
+            log.warning("could not cache the frozen graph in %s: %s", folder, exc)
 
     def _autocast(self):
         # A traced graph already holds its casts; autocast applies to eager and compiled modules.

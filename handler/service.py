@@ -39,7 +39,7 @@ class MRLService:
                  sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS,
                  channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True,
                  capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None,
-                 gallery=None) -> None:
+                 gallery=None, graph_cache: str | Path | None = None) -> None:
         self.card, self.points, self.name = card, points, name
         self.nesting = card.nesting
         self.sink = sink or NullSink()
@@ -53,7 +53,8 @@ class MRLService:
                         card.numerics, numerics)
         self.engine = Engine(model, numerics=numerics, device=device, graph=graph,
                              input_size=card.preprocessing.crop, batch_sizes=batch_sizes,
-                             channels_last=channels_last, onednn_fusion=onednn_fusion)
+                             channels_last=channels_last, onednn_fusion=onednn_fusion,
+                             graph_cache=graph_cache, cache_key=checkpoint_sha256 or "")
         self.normalize = Normalizer(card.preprocessing, device)
         # One threshold row per operating point and per fixed dim, built once, indexed per request.
         rows = {name: list(t) for name, t in points.points.items()}
@@ -71,9 +72,13 @@ class MRLService:
                         "(operating_point=%s)", self.nesting[-1], points.default)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, gallery_dir: str | Path | None = None, **kwargs) -> "MRLService":
+    def from_dir(cls, model_dir: str | Path, gallery_dir: str | Path | None = None, graph_cache: bool = True,
+                 **kwargs) -> "MRLService":
         """Load ``checkpoint.pt`` and, if present, ``thresholds.json`` from a model folder, and the
-        gallery in ``gallery_dir`` (refused if it was built from another checkpoint)."""
+        gallery in ``gallery_dir`` (refused if it was built from another checkpoint).
+
+        ``graph_cache``: the first worker keeps its frozen graph in the model folder, so that a
+        worker restarted after a crash loads it instead of tracing again (docs/reliability.md)."""
         model_dir = Path(model_dir)
         ckpt = model_dir / "checkpoint.pt"
         model, card = load_mrl_resnet50(ckpt)
@@ -89,7 +94,8 @@ class MRLService:
             from retrieval.gallery import Gallery  # FAISS only where a gallery is served
             gallery = Gallery.open(gallery_dir, checkpoint_sha256=sha, hnsw=False)
             log.info("gallery %s: %d items from %s", gallery_dir, len(gallery), gallery.meta.get("spec"))
-        return cls(model, card, points, checkpoint_sha256=sha, gallery=gallery, **kwargs)
+        return cls(model, card, points, checkpoint_sha256=sha, gallery=gallery,
+                   graph_cache=model_dir / "graph_cache" if graph_cache else None, **kwargs)
 
     def handle(self, items: Sequence[Mapping[str, Any]],
                headers: Sequence[Mapping[str, Any]] | None = None) -> list[tuple[int, dict]]:

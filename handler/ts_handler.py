@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from http import HTTPStatus
+from pathlib import Path
 
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -36,11 +39,13 @@ class MRLHandler:
         self.service: MRLService | None = None
 
     def initialize(self, context) -> None:
+        t0 = time.perf_counter()
         props = context.system_properties
-        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        config = getattr(context, "model_yaml_config", None) or {}
+        settings = config.get("handler", {})
         gpu = props.get("gpu_id")
         device = f"cuda:{gpu}" if gpu is not None and _cuda_available() else "cpu"
-        threads = configure_threads(int(settings.get("threads", 0)) or None)
+        threads = configure_threads(int(settings.get("threads", 0)) or _threads_per_worker(config))
         batch_size = int(props.get("batch_size") or 1)
         self.service = MRLService.from_dir(
             props["model_dir"], name=context.model_name, device=device,
@@ -48,11 +53,18 @@ class MRLHandler:
             channels_last=bool(settings.get("channels_last", True)),
             jpeg_draft=bool(settings.get("jpeg_draft", True)),
             onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics),
-            capture=CaptureConfig.from_settings(settings), gallery_dir=settings.get("gallery_dir"))
+            capture=CaptureConfig.from_settings(settings), gallery_dir=settings.get("gallery_dir"),
+            graph_cache=bool(settings.get("graph_cache", True)))
+        t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s", context.model_name, device, threads,
                  self.service.engine.graph, self.service.card.numerics, batch_size,
                  list(self.service.points.points), self.service.points.default)
+        # One line that says where the worker's start went (bench/recovery.py reads it): the
+        # process's age covers the interpreter, the imports and TorchServe's own set-up.
+        log.info("mrl worker start: process_age_s=%.2f initialize_s=%.2f graph_s=%.2f warm_up_s=%.2f "
+                 "graph_cached=%s", _process_age_s(), time.perf_counter() - t0, t["graph_s"], t["warm_up_s"],
+                 self.service.engine.graph_cached)
 
     def handle(self, data, context) -> list[str]:
         headers = [context.get_all_request_header(i) for i in range(len(data))]
@@ -70,6 +82,26 @@ class MRLHandler:
 def _warm_sizes(batch_size: int) -> list[int]:
     """Every batch size dynamic batching can form; warm-up runs each one once at start."""
     return list(range(1, batch_size + 1))
+
+
+def _threads_per_worker(config: dict) -> int | None:
+    """threads: 0 in model-config: the cores in this worker's affinity shared among the model's
+    workers, so that two workers on two cores do not each run two threads. None (configure_threads
+    then takes MRL_THREADS, else all cores) for one worker or when MRL_THREADS is set."""
+    workers = int(config.get("maxWorkers") or config.get("minWorkers") or 1)
+    if workers == 1 or int(os.environ.get("MRL_THREADS", 0)):  # the environment's choice wins
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; NaN elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def _cuda_available() -> bool:

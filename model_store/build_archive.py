@@ -32,10 +32,11 @@ maxBatchDelay: {batch_delay}     # ms a partial batch waits for company; a lone 
 responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a stuck worker
 {queue}handler:
   graph: {graph}           # eager | jit (traced + frozen) | compile (inductor + freezing)
-  threads: {threads}            # intra-op threads per worker; 0 = all cores in the worker's affinity
+  threads: {threads}            # intra-op threads per worker; 0 = the cores in its affinity / workers
   channels_last: {channels_last}   # NHWC activations (oneDNN's fast layout on CPU)
   jpeg_draft: {jpeg_draft}      # let libjpeg decode at a reduced scale before resizing
   onednn_fusion: {onednn_fusion}   # jit on CPU: oneDNN Graph fuses conv/add/relu partitions
+  graph_cache: {graph_cache}     # jit: a restarted worker loads the frozen graph instead of tracing
 """
 GALLERY_CONFIG = """\
   gallery_dir: {gallery_dir}   # neighbors requests search this gallery (retrieval/build_index.py)
@@ -74,6 +75,7 @@ def build(args: argparse.Namespace) -> Path:
         (stage / "checkpoint.pt").symlink_to(ckpt)
         settings = {**vars(args), "channels_last": str(args.channels_last).lower(),
                     "jpeg_draft": str(args.jpeg_draft).lower(), "onednn_fusion": str(args.onednn_fusion).lower(),
+                    "graph_cache": str(args.graph_cache).lower(),
                     "queue": "" if args.queue_size is None else
                     f"jobQueueSize: {args.queue_size}    # requests waiting beyond this get 503 at once\n"}
         config = MODEL_CONFIG.format(**settings)
@@ -109,7 +111,7 @@ def archive(checkpoint: str | Path, export_path: str | Path, **options) -> Path:
     channels_last=False``; None leaves an option at its default): one way to build an archive for
     the benchmarks and the tests."""
     argv = ["--checkpoint", str(checkpoint), "--export-path", str(export_path)]
-    negated = {"channels_last", "jpeg_draft", "onednn_fusion"}  # flags that only turn a default off
+    negated = {"channels_last", "jpeg_draft", "onednn_fusion", "graph_cache"}  # flags that only turn a default off
     for key, value in options.items():
         if value is None or (key in negated and value):
             continue
@@ -130,7 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=5, help="maxBatchDelay in ms")
     p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2,
+                   help="workers for this model, sharing the cores (default 2: measured against 1 in "
+                        "docs/reliability.md, a killed worker then costs its in-flight batch, not 8 s)")
     p.add_argument("--queue-size", type=int, default=None,
                    help="jobQueueSize: requests that may wait for this model before TorchServe answers "
                         "503 at once; size it to the wait you accept times the model's throughput "
@@ -143,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full-size JPEG decode before resizing (the benchmark's baseline)")
     p.add_argument("--no-onednn-fusion", dest="onednn_fusion", action="store_false",
                    help="traced graph without oneDNN Graph fusion")
+    p.add_argument("--no-graph-cache", dest="graph_cache", action="store_false",
+                   help="every worker traces its own graph (default: restarts load the first one's)")
     p.add_argument("--gallery-dir", default=None,
                    help="serve neighbors requests from this gallery (retrieval/build_index.py), built "
                         "from the same checkpoint; the archive names the folder, it does not copy it")

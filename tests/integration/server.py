@@ -40,10 +40,11 @@ class Server:
 
 
 def build_archive(checkpoint: Path, model_store: Path, *, name: str = "mrl_resnet50", graph: str = "eager",
-                  batch_size: int = 8, batch_delay: int = 20, **options) -> Path:
-    """A test archive: eager graph and a 20 ms batch delay unless asked (options as build_archive's)."""
+                  batch_size: int = 8, batch_delay: int = 20, workers: int = 1, **options) -> Path:
+    """A test archive: eager graph, a 20 ms batch delay and one worker unless asked (options as
+    build_archive's); one worker keeps the suite's memory and start-up down."""
     return archive(checkpoint, model_store, name=name, graph=graph, batch_size=batch_size,
-                   batch_delay=batch_delay, **options)
+                   batch_delay=batch_delay, workers=workers, **options)
 
 
 @contextlib.contextmanager

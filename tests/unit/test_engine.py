@@ -42,3 +42,37 @@ def test_a_bf16_card_is_served_in_fp32_on_a_cpu_without_bf16(tiny_checkpoint, mo
     assert service.engine.numerics == "fp32" and service.card.numerics == "bf16"
     with pytest.raises(ValueError, match="not supported"):
         Engine(model, numerics="bf16", input_size=32)  # asked for explicitly: refused, not swapped
+
+
+def test_a_restarted_worker_loads_the_cached_frozen_graph_and_answers_the_same(tiny_checkpoint, tmp_path, caplog):
+    model, _ = load_mrl_resnet50(tiny_checkpoint)
+    cache = tmp_path / "graph_cache"
+    first = Engine(model, graph="jit", input_size=32, batch_sizes=(1, 2), graph_cache=cache, cache_key="sha-a")
+    [saved] = cache.iterdir()
+    assert not first.graph_cached and not saved.name.startswith(".")  # renamed into place, whole
+    again = Engine(model, graph="jit", input_size=32, batch_sizes=(1, 2), graph_cache=cache, cache_key="sha-a")
+    assert again.graph_cached
+    x = torch.randn(2, 3, 32, 32)
+    for a, b in zip(first(x), again(x)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # Another checkpoint (or numerics) is another file: never the wrong graph.
+    other = Engine(model, graph="jit", input_size=32, batch_sizes=(1,), graph_cache=cache, cache_key="sha-b")
+    assert not other.graph_cached and len(list(cache.iterdir())) == 2
+    # A damaged file is traced again and replaced, with a warning; no failure.
+    saved.write_bytes(b"not a torchscript archive")
+    with caplog.at_level("WARNING"):
+        damaged = Engine(model, graph="jit", input_size=32, batch_sizes=(1, 2), graph_cache=cache, cache_key="sha-a")
+    assert not damaged.graph_cached and "could not be loaded" in caplog.text
+    assert Engine(model, graph="jit", input_size=32, batch_sizes=(1, 2), graph_cache=cache,
+                  cache_key="sha-a").graph_cached
+
+
+def test_an_unwritable_graph_cache_costs_a_trace_and_a_warning_only(tiny_checkpoint, tmp_path, caplog):
+    model, _ = load_mrl_resnet50(tiny_checkpoint)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING"):
+        engine = Engine(model, graph="jit", input_size=32, batch_sizes=(1,), graph_cache=blocked / "cache",
+                        cache_key="sha-a")
+    assert not engine.graph_cached and "could not cache" in caplog.text
+    assert engine(torch.randn(1, 3, 32, 32))[0].shape[0] == 1
