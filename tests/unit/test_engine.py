@@ -76,3 +76,15 @@ def test_an_unwritable_graph_cache_costs_a_trace_and_a_warning_only(tiny_checkpo
                         cache_key="sha-a")
     assert not engine.graph_cached and "could not cache" in caplog.text
     assert engine(torch.randn(1, 3, 32, 32))[0].shape[0] == 1
+
+
+def test_workers_of_one_model_share_the_cores_unless_told(monkeypatch):
+    from handler import ts_handler
+
+    monkeypatch.setattr(ts_handler.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("MRL_THREADS", raising=False)
+    assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) == 2
+    assert ts_handler._threads_per_worker({"minWorkers": 8, "maxWorkers": 8}) == 1
+    assert ts_handler._threads_per_worker({"minWorkers": 1, "maxWorkers": 1}) is None  # all cores
+    monkeypatch.setenv("MRL_THREADS", "3")
+    assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) is None  # the environment wins
