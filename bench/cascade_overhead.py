@@ -16,7 +16,7 @@ import time
 
 from bench.run import DEMO, demo_inputs, machine
 from handler.checkpoint import file_sha256, load_mrl_resnet50
-from handler.engine import configure_threads
+from handler.engine import configure_threads, threshold_numerics
 from handler.service import MRLService
 from handler.thresholds import load_thresholds
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_threads()
     model, card = load_mrl_resnet50(args.checkpoint)
     points = load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(args.checkpoint),
-                             numerics=card.numerics)
+                             numerics=threshold_numerics(card.numerics))
     svc = MRLService(model, card, points, graph="jit", batch_sizes=(args.batch_size,))
     bodies = demo_inputs(args.batch_size)
     items = [{"body": b} for b in bodies]

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--exact", action="store_true", help="also time funnel=exact (brute force at 2048)")
     p.add_argument("--out", default=str(ROOT / "docs" / "neighbors.json"))
     args = p.parse_args(argv)
+    if "han1000" not in BUNDLED:
+        raise SystemExit("bench.neighbors serves the han1000 model: train its checkpoint first (README, han1000)")
     folder, spec = BUNDLED["han1000"]
     ckpt = folder / "mrl_resnet50_fp16.pt"
     meta = read_meta(args.gallery)

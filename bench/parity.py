@@ -23,7 +23,7 @@ from bench.run import DEMO, ROOT, machine
 from calibration.methods import exits
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect
 from handler.engine import bf16_supported
-from handler.thresholds import load_thresholds
+from handler.thresholds import SETS_SCHEMA, load_thresholds
 
 AGREEMENT_TARGET = 0.995   # top-1 agreement with fp32 (issue 6, acceptance 2)
 CASCADE_TARGET = 0.001     # cascade accuracy within 0.1 pt of fp32
@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
     bf16 = collect(args.checkpoint, args.data, numerics="bf16", cache_dir=cache)
+    # One set applied to both modes on purpose: of a file with a set per mode, the bf16 one.
+    sets = json.loads(Path(args.thresholds).read_text()).get("schema") == SETS_SCHEMA
     ops = load_thresholds(args.thresholds, nesting=fp32.nesting, checkpoint_sha256=fp32.meta["checkpoint_sha256"],
-                          numerics=None)  # applied to both modes on purpose
+                          numerics="bf16" if sets else None)
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m bench.parity " + " ".join(argv if argv is not None else sys.argv[1:]),
               "checkpoint": args.checkpoint,

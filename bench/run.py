@@ -45,7 +45,7 @@ DEMO = ROOT / "model_store" / "fashion_mnist"
 # Bundled models: folder (checkpoint, thresholds) and the data spec their requests come from.
 BUNDLED = {name: (folder, spec) for name, folder, spec in (
     ("demo", DEMO, "fashion-mnist:test"), ("han1000", ROOT / "model_store" / "han1000", "han1000:test"))
-    if (folder / "mrl_resnet50_fp16.pt").exists()}  # han1000 once its checkpoint is committed
+    if (folder / "mrl_resnet50_fp16.pt").exists()}  # han1000 once its checkpoint is trained (git has none)
 GFLOP_224 = 8.18  # ResNet50 forward, one 224x224 image
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 MODES = {

@@ -5,11 +5,19 @@
         [--epsilon 0.005 --delta 0.1 [--unlabeled]] [--eval-data fashion-mnist:test]
     python calibration/fit_thresholds.py --checkpoint CKPT --data capture:DIR --unlabeled \
         [--since-hours 6] --out thresholds.json          # refit from the server's captured traffic
+    python calibration/fit_thresholds.py ... --numerics fp32 --add --out thresholds.json   # one more set
 
 Writes the thresholds file (several named operating points, the one of --method as default, and a
 meta block tying it to the checkpoint) and, beside it, a markdown report and a PNG plot of
 accuracy against expected dims. The forward pass is cached, so a refit with other options takes
 a moment. Rule (shared with the server): size m answers when its max softmax >= t_m.
+
+Thresholds are fit in the numerics that serve: by default what this CPU serves the card's mode in
+(fp32 for a bf16 card on a CPU without bf16 instructions). ``--numerics MODE`` fits in MODE instead,
+emulated where this CPU lacks its instructions (bf16 on AVX2: same rounding, about 5x slower), and
+``--add`` adds that set to the --out file instead of replacing it (one set per numerics mode;
+the worker serves the set of its mode, handler/thresholds.py). The report of an added set is
+``<out>_report_<mode>.md``.
 
 Captured traffic (``capture:DIR``, see handler/capture.py) carries no labels, so it needs
 ``--unlabeled``: every operating point is then fit against the 2048-d head's answers, and the
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +36,7 @@ import numpy as np
 
 from calibration.methods import Point, Thresholds, exits, fit_frontier, fit_greedy, fit_guaranteed, score
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect, is_capture
-from handler.thresholds import SCHEMA
+from handler.thresholds import SCHEMA, add_set
 
 DEFAULT_POINT = {"greedy": "greedy", "frontier": "balanced", "guaranteed": "guaranteed"}
 
@@ -108,6 +117,8 @@ def thresholds_doc(out: Outputs, scored: dict, frontier: list[Point], args: argp
             "checkpoint": Path(args.checkpoint).name,
             "checkpoint_sha256": out.meta["checkpoint_sha256"],
             "numerics": out.meta["numerics"],
+            **({"emulated": "this CPU had no instructions for it: same rounding, computed slower"}
+               if out.meta.get("emulated") else {}),
             "graph": out.meta["graph"],
             "data": {"spec": args.data, "n": int(len(out.labels)),
                      **({"labels": "none: fit against the 2048-d head's answers",
@@ -168,7 +179,8 @@ def write_report(path: Path, out: Outputs, scored: dict, frontier: list[Point], 
     plt.close(fig)
 
     lines = [f"# Calibration report: {Path(args.checkpoint).name}", "",
-             f"Holdout `{args.data}` ({len(out.labels)} images), numerics {out.meta['numerics']}, graph "
+             f"Holdout `{args.data}` ({len(out.labels)} images), numerics {out.meta['numerics']}"
+             f"{' (emulated: this CPU has no bf16 instructions)' if out.meta.get('emulated') else ''}, graph "
              f"{out.meta['graph']}; fit in {fit_seconds:.2f} s from cached outputs. Rule: size m answers when "
              "its max softmax >= t_m.", "",
              *([f"Unlabeled data (captured traffic, {out.meta['capture']['files']} files): \"top-1\" on it "
@@ -239,8 +251,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
     p.add_argument("--since-hours", type=float, default=None,
                    help="capture data: only the records of the last N hours")
+    p.add_argument("--numerics", choices=("fp32", "bf16"),
+                   help="fit in this mode (default: what this CPU serves the card's in); emulated if the CPU lacks it")
+    p.add_argument("--add", action="store_true",
+                   help="add this numerics mode's set to the --out file (replacing a set of the same mode)")
     p.add_argument("--no-cache", action="store_true")
     args = p.parse_args(argv)
+    if args.numerics and is_capture(args.data):
+        p.error("captured traffic was served in one numerics mode, which it records: drop --numerics")
     cache = None if args.no_cache else DEFAULT_CACHE
     if is_capture(args.data) and not args.unlabeled:
         p.error("captured traffic has no labels: add --unlabeled (every point is then fit against the "
@@ -249,14 +267,19 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--since-hours applies to capture:DIR data only")
     since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
 
-    out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, since=since)
+    out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, since=since,
+                  numerics=args.numerics, emulate=bool(args.numerics))
+    if out.meta.get("emulated"):
+        print(f"note: this CPU has no {out.meta['numerics']} instructions: {out.meta['numerics']} is emulated "
+              "(same rounding, slower)", file=sys.stderr)
     t0 = time.perf_counter()
     scored, frontier, _ = fit_all(out, args)
     fit_seconds = time.perf_counter() - t0
     doc = thresholds_doc(out, scored, frontier, args)
     evals = {}
     if args.eval_data:
-        ev = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=cache)
+        ev = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=cache,
+                     numerics=args.numerics, emulate=bool(args.numerics))
         evals = {"top1": ev.top1(), "points": {n: score(ev, t).__dict__ for n, (t, *_r) in scored.items()}}
         on_eval = [score(ev, list(p.thresholds)) for p in frontier]
         evals["frontier"] = [[round(q.expected_dims, 4), round(q.top1, 6)] for q in on_eval]
@@ -264,11 +287,13 @@ def main(argv: list[str] | None = None) -> dict:
         doc["meta"]["eval"] = {"data": args.eval_data, "n": int(len(ev.labels)), **evals}
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(doc, indent=2) + "\n")
-    write_report(dest.with_name(dest.stem + "_report.md"), out, scored, frontier, evals, args, fit_seconds)
+    existing = json.loads(dest.read_text()) if args.add and dest.exists() else None
+    dest.write_text(json.dumps(add_set(existing, doc), indent=2) + "\n")
+    report = dest.with_name(f"{dest.stem}_report" + (f"_{out.meta['numerics']}" if args.add else "") + ".md")
+    write_report(report, out, scored, frontier, evals, args, fit_seconds)
     d = scored[doc["default"]][3]
-    print(f"wrote {dest} (default {doc['default']}: holdout top-1 {d.top1:.4f} at {d.expected_dims:.1f} dims; "
-          f"fit {fit_seconds:.2f} s) and {dest.stem}_report.md/.png")
+    print(f"wrote {dest} ({out.meta['numerics']} set; default {doc['default']}: holdout top-1 {d.top1:.4f} at "
+          f"{d.expected_dims:.1f} dims; fit {fit_seconds:.2f} s) and {report.stem}.md/.png")
     return doc
 
 

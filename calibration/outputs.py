@@ -72,16 +72,17 @@ def from_capture(checkpoint: str | Path, spec: str, since: float | None = None) 
 
 
 def forward_spec(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
-                 batch_size: int = 250, progress: bool = True, limit: int | None = None):
+                 batch_size: int = 250, progress: bool = True, limit: int | None = None, emulate: bool = False):
     """Run the model over a data spec the way a worker would (its preprocessing, Engine, numerics
     and graph mode): yields ((B, S, C) probabilities, (B, 2048) embedding, the data set) per batch,
-    in order. Calibration keeps the probabilities; retrieval keeps the embeddings."""
+    in order. Calibration keeps the probabilities; retrieval keeps the embeddings. ``emulate``: run
+    the card's (or ``numerics``') mode even where this CPU would serve it in fp32 (Engine)."""
     configure_threads()
     model, card = load_mrl_resnet50(checkpoint, numerics=numerics)
     data = load_spec(spec, card.classes, limit=limit)
     batch_size = min(batch_size, len(data))
-    engine = Engine(model, numerics=resolve_numerics(card.numerics), graph=graph,
-                    input_size=card.preprocessing.crop, batch_sizes=(batch_size,))
+    engine = Engine(model, numerics=card.numerics if emulate else resolve_numerics(card.numerics), graph=graph,
+                    input_size=card.preprocessing.crop, batch_sizes=(batch_size,), emulate=emulate)
     normalize = Normalizer(card.preprocessing)
     bar = tqdm(total=len(data), desc=f"forward {spec}", unit="img", disable=not progress, file=sys.stderr)
     for start in range(0, len(data), batch_size):
@@ -94,7 +95,7 @@ def forward_spec(checkpoint: str | Path, spec: str, *, graph: str = "jit", numer
 
 def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
             batch_size: int = 250, cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True,
-            since: float | None = None) -> Outputs:
+            since: float | None = None, emulate: bool = False) -> Outputs:
     """Run the model over ``spec`` (or read the cache) and return per-size confidences and labels.
 
     ``numerics`` overrides the card's (the parity check runs one checkpoint both ways). A
@@ -105,9 +106,11 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
     sha = file_sha256(checkpoint)
     card, _ = read_checkpoint(checkpoint, numerics=numerics)  # the cache key needs only the card
     used = resolve_numerics(card.numerics)  # what a worker on this CPU serves (fp32 if no bf16)
-    meta = {"checkpoint_sha256": sha, "data": spec, "numerics": used, "card_numerics": card.numerics,
-            "graph": graph,
-            "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting)}
+    emulate = emulate and used != card.numerics  # only where this CPU lacks the instructions
+    meta = {"checkpoint_sha256": sha, "data": spec, "numerics": card.numerics if emulate else used,
+            "card_numerics": card.numerics, "graph": graph,
+            "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting),
+            **({"emulated": True} if emulate else {})}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir / f"outputs-{key}.npz" if cache_dir else None
     if cached and cached.exists():
@@ -117,7 +120,7 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
     conf, pred = [], []
     data = None
     for probs, _emb, data in forward_spec(checkpoint, spec, graph=graph, numerics=numerics,
-                                          batch_size=batch_size, progress=progress):
+                                          batch_size=batch_size, progress=progress, emulate=emulate):
         c, p = probs.max(dim=-1)
         conf.append(c.numpy())
         pred.append(p.numpy().astype(np.int32))

@@ -71,13 +71,16 @@ class Engine:
     def __init__(self, model: MRLResNet50, *, numerics: str = "fp32", device: str | torch.device = "cpu",
                  graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,),
                  channels_last: bool = True, onednn_fusion: bool = True,
-                 graph_cache: str | os.PathLike | None = None, cache_key: str = "") -> None:
+                 graph_cache: str | os.PathLike | None = None, cache_key: str = "", emulate: bool = False) -> None:
+        """``emulate``: run bf16 even where the device has no bf16 instructions (same rounding of
+        weights and activations to bf16, fp32 accumulation, about 5x slower than fp32 on an AVX2
+        CPU). For calibrating a bf16 set of thresholds on such a machine, never for serving."""
         if numerics not in ("fp32", "bf16"):
             raise ValueError(f"numerics must be 'fp32' or 'bf16', got {numerics!r}")
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph must be one of {GRAPH_MODES}, got {graph!r}")
         self.device = torch.device(device)
-        if numerics == "bf16" and not bf16_supported(self.device):
+        if numerics == "bf16" and not emulate and not bf16_supported(self.device):
             raise ValueError(f"numerics 'bf16' is not supported on {self.device}; serve with 'fp32'")
         self.numerics, self.graph, self.nesting = numerics, graph, model.nesting
         self.onednn_fusion = False

@@ -48,9 +48,9 @@ class MRLService:
         if numerics != card.numerics:
             # Measured on the demo model (docs/parity.json): bf16 and fp32 agree on 99.96 % of 2048-d
             # answers, and bf16-fit thresholds on fp32 outputs move the cascade's top-1 by 0.03 pt.
-            log.warning("the card asks for %s but %s has no bf16 support: serving %s; the thresholds "
-                        "(fit in %s) are applied to %s outputs", card.numerics, device, numerics,
-                        card.numerics, numerics)
+            log.warning("the card asks for %s but %s has no bf16 support: serving %s with the "
+                        "thresholds fit in %s", card.numerics, device, numerics,
+                        points.meta.get("numerics", "(none)"))
         self.engine = Engine(model, numerics=numerics, device=device, graph=graph,
                              input_size=card.preprocessing.crop, batch_sizes=batch_sizes,
                              channels_last=channels_last, onednn_fusion=onednn_fusion,

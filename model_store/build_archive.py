@@ -19,7 +19,7 @@ from pathlib import Path
 from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.engine import threshold_numerics
-from handler.thresholds import load_thresholds
+from handler.thresholds import load_thresholds, numerics_sets
 from retrieval.gallery import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,12 +59,14 @@ def build(args: argparse.Namespace) -> Path:
     if args.gallery_dir:
         read_meta(args.gallery_dir, checkpoint_sha256=file_sha256(ckpt))  # refuse a mismatch now, not in the worker
     if args.thresholds:
-        points = load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
-                                 numerics=threshold_numerics(card.numerics))
-        if points.meta.get("numerics") != card.numerics:
-            print(f"warning: {args.thresholds} was fit in {points.meta.get('numerics')} (what this CPU serves "
-                  f"the card's {card.numerics} in); a worker on a CPU that serves {card.numerics} will "
-                  "refuse it: fit thresholds on the kind of machine that serves", file=sys.stderr)
+        load_thresholds(args.thresholds, nesting=card.nesting, checkpoint_sha256=file_sha256(ckpt),
+                        numerics=threshold_numerics(card.numerics))  # what a worker here checks
+        modes = sorted(numerics_sets(json.loads(Path(args.thresholds).read_text())))
+        if card.numerics not in modes:
+            print(f"warning: {args.thresholds} holds thresholds fit in {' and '.join(modes)} (what this CPU "
+                  f"serves the card's {card.numerics} in); a worker on a CPU that serves {card.numerics} will "
+                  f"refuse it: add a {card.numerics} set (fit_thresholds.py --numerics {card.numerics} --add)",
+                  file=sys.stderr)
     else:
         print(f"warning: no thresholds given; {args.name} will answer every request at "
               f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)

@@ -300,7 +300,7 @@ def gateway_stats(cluster: Cluster) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from model_store.serve import EXAMPLES
+    from model_store.serve import EXAMPLES, served_models
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("action", choices=("start", "stop", "status"))
@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.replicas < 1:
         raise SystemExit("--replicas must be at least 1")
-    models = list(EXAMPLES)
+    models = served_models()
+    if not models:
+        raise SystemExit("model_store holds no archive of a bundled model: run `make serve REPLICAS=N`")
     took = start(cluster, models, args.api_keys, timeout=args.timeout)
     key = api_keys(args.api_keys)[0]
     lines = [f"{args.replicas} replicas behind HAProxy: {', '.join(models)} READY after {took:.1f} s.", ""]

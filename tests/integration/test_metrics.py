@@ -1,8 +1,8 @@
 """Metrics end to end: real TorchServe, real Prometheus, a scripted mix of requests.
 
 Exact counts are read from TorchServe's endpoint (deltas over the mix); then every dashboard query
-and rule is evaluated through Prometheus's HTTP API. The drift scenario, with real out-of-distribution
-characters on the han1000 model, is tests/integration/test_drift.py.
+and rule is evaluated through Prometheus's HTTP API. The drift scenario, with real drifted images
+on the demo model, is tests/integration/test_drift.py.
 """
 import re
 import time

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from handler.thresholds import SCHEMA, OperatingPoints, load_thresholds, parse_thresholds
+from handler.thresholds import SCHEMA, SETS_SCHEMA, OperatingPoints, add_set, load_thresholds, parse_thresholds
 
 NESTING = (8, 16, 2048)
 
@@ -77,3 +77,33 @@ def test_a_file_fit_in_any_of_the_accepted_numerics_loads():
     assert parse(doc(), numerics=("fp32", "bf16")).fitted
     with pytest.raises(ValueError, match="serves 'fp32' or 'int8'"):
         parse(doc(), numerics=("fp32", "int8"))
+
+
+def fp32_doc(t8=0.8):
+    d = doc()
+    d["operating_points"]["balanced"]["thresholds"]["8"] = t8
+    d["meta"] = {**d["meta"], "numerics": "fp32"}
+    return d
+
+
+def test_a_file_with_a_set_per_numerics_mode_serves_each_mode_its_own_set():
+    both = add_set(doc(), fp32_doc())
+    assert both["schema"] == SETS_SCHEMA and sorted(both["sets"]) == ["bf16", "fp32"]
+    # A bf16 card: on a CPU with bf16 the worker serves bf16; without, fp32 (threshold_numerics' order).
+    assert parse(both, numerics=("bf16",)).points["balanced"] == (0.9, None)
+    assert parse(both, numerics=("bf16", "fp32")).points["balanced"] == (0.8, None)
+    # Adding a set of a mode already there replaces it; the others stay.
+    again = add_set(both, fp32_doc(0.7))
+    assert parse(again, numerics="fp32").points["balanced"] == (0.7, None)
+    assert parse(again, numerics="bf16").points["balanced"] == (0.9, None)
+
+
+def test_a_mode_without_a_set_is_refused_naming_the_sets_the_file_holds():
+    only_fp32 = add_set(fp32_doc(), fp32_doc())
+    with pytest.raises(ValueError, match=r"sets for numerics \['fp32'\] but the model serves 'bf16'.*--numerics bf16"):
+        parse(only_fp32, numerics="bf16")
+    with pytest.raises(ValueError, match="one file holds sets for one model"):
+        add_set(doc(), {**fp32_doc(), "meta": {**fp32_doc()["meta"], "checkpoint_sha256": "other"}})
+    mislabeled = {"schema": SETS_SCHEMA, "sets": {"bf16": {k: v for k, v in fp32_doc().items() if k != "schema"}}}
+    with pytest.raises(ValueError, match="set under 'bf16' must be fit in bf16"):
+        parse(mislabeled, numerics="bf16")
