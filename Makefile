@@ -27,7 +27,7 @@ help:
 	@echo "make archive-han1000   build model_store/han1000.mar, once its checkpoint is trained (README)"
 	@echo "make monitor   start Prometheus scraping the running server"
 	@echo "make bench     the benchmark (docs/benchmarks.md)"
-	@echo "make parity    bf16 against fp32 on the demo model (docs/parity.json)"
+	@echo "make parity    bf16 (where the CPU has it) and int8 against fp32 (docs/parity*.json)"
 
 # The set-up step: Debian packages (JRE, data, Prometheus, fonts). Quick when all are there.
 setup:
@@ -88,8 +88,19 @@ monitor: env
 bench: env
 	$(PY) -m bench.run
 
+# bf16 against fp32 where this CPU has bf16; int8 against fp32 on each bundled model present, each
+# mode with its own thresholds set (fit here if the file has no int8 set yet).
 parity: env
-	$(PY) -m bench.parity
+	@if $(PY) -c "import sys, torch; from handler.engine import bf16_supported; sys.exit(not bf16_supported(torch.device('cpu')))"; \
+		then $(PY) -m bench.parity; else echo "bf16 parity: this CPU has no bf16 instructions; skipped"; fi
+	$(PY) -m bench.parity --mode int8
+	@if [ -f $(HAN1000)/mrl_resnet50_fp16.pt ]; then \
+		$(PY) -c "import json, sys; d = json.load(open('$(HAN1000)/thresholds.json')); sys.exit('int8' in d.get('sets', {}))" && \
+		$(PY) calibration/fit_thresholds.py --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt --data han1000:holdout \
+			--out $(HAN1000)/thresholds.json --method frontier --eval-data han1000:test --numerics int8 --add; \
+		$(PY) -m bench.parity --mode int8 --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt \
+			--thresholds $(HAN1000)/thresholds.json --data han1000:test; \
+	else echo "han1000: no checkpoint here (README); its parity is skipped"; fi
 
 clean:
 	rm -rf logs model_store/*.mar key_file.json .pytest_cache

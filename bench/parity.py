@@ -23,10 +23,11 @@ from bench.run import DEMO, ROOT, machine
 from calibration.methods import exits
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect
 from handler.engine import bf16_supported
-from handler.thresholds import SETS_SCHEMA, load_thresholds
+from handler.thresholds import SETS_SCHEMA, load_thresholds, numerics_sets
 
-AGREEMENT_TARGET = 0.995   # top-1 agreement with fp32 (issue 6, acceptance 2)
-CASCADE_TARGET = 0.001     # cascade accuracy within 0.1 pt of fp32
+AGREEMENT_TARGET = 0.995   # bf16: top-1 agreement with fp32 (issue 6, acceptance 2)
+CASCADE_TARGET = 0.001     # bf16: cascade accuracy within 0.1 pt of fp32
+INT8_AGREEMENT, INT8_CASCADE = 0.99, 0.003  # int8 (issue #18, acceptance 3)
 
 
 def cascade(out: Outputs, thresholds: list) -> tuple[np.ndarray, dict]:
@@ -36,19 +37,56 @@ def cascade(out: Outputs, thresholds: list) -> tuple[np.ndarray, dict]:
                                "expected_dims": float(np.asarray(out.nesting)[e].mean())}
 
 
-def parity(fp32: Outputs, bf16: Outputs, points: dict[str, list]) -> dict:
-    if not np.array_equal(fp32.labels, bf16.labels):
+def parity(fp32: Outputs, other: Outputs, points: dict[str, list], other_points: dict[str, list] | None = None,
+           mode: str = "bf16") -> dict:
+    """fp32 against ``mode``: per size, and per operating point with ``points`` on fp32 and
+    ``other_points`` (default: the same) on the other mode."""
+    if not np.array_equal(fp32.labels, other.labels):
         raise ValueError("the two runs saw different data")
+    other_points = points if other_points is None else other_points
     sizes = [str(m) for m in fp32.nesting]
     report = {"n": int(len(fp32.labels)), "sizes": list(fp32.nesting),
-              "top1": {"fp32": fp32.top1(), "bf16": bf16.top1()},
-              "agreement": dict(zip(sizes, (fp32.pred == bf16.pred).mean(axis=0).tolist())),
+              "top1": {"fp32": fp32.top1(), mode: other.top1()},
+              "agreement": dict(zip(sizes, (fp32.pred == other.pred).mean(axis=0).tolist())),
               "cascade": {}}
     for name, t in points.items():
+        if name not in other_points:
+            continue
         p32, c32 = cascade(fp32, list(t))
-        p16, c16 = cascade(bf16, list(t))
-        report["cascade"][name] = {"fp32": c32, "bf16": c16, "agreement": float((p32 == p16).mean()),
-                                   "top1_delta": c16["top1"] - c32["top1"]}
+        po, co = cascade(other, list(other_points[name]))
+        report["cascade"][name] = {"fp32": c32, mode: co, "agreement": float((p32 == po).mean()),
+                                   "top1_delta": co["top1"] - c32["top1"]}
+    return report
+
+
+def int8_parity(args, cache) -> dict:
+    """int8 against fp32, each with the thresholds set fit in its own mode (issue #18's check)."""
+    from handler import quantize
+
+    doc = json.loads(Path(args.thresholds).read_text())
+    sets = numerics_sets(doc)
+    if "int8" not in sets or "fp32" not in sets:
+        raise SystemExit(f"{args.thresholds} holds sets for {sorted(sets)}: fit the missing ones with "
+                         "calibration/fit_thresholds.py --numerics int8 (and fp32) --add")
+    fit = sets["int8"]["meta"]["int8_program"]
+    program = quantize.build(args.checkpoint, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
+    if program.fingerprint != fit["fingerprint"]:
+        raise SystemExit(f"the int8 set was fit on backbone {fit['fingerprint']}, this machine built {program.fingerprint}")
+    fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
+    int8 = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=cache)
+    load = lambda mode: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731
+                                        checkpoint_sha256=fp32.meta["checkpoint_sha256"], numerics=mode)
+    ops32, ops8 = load("fp32"), load("int8")
+    report = {"mode": "int8", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m bench.parity " + " ".join(sys.argv[1:]), "checkpoint": args.checkpoint,
+              "data": args.data, "thresholds_numerics": "each mode its own set", "graph": "jit / compile",
+              "int8_program": program.meta, "holdout_parity": sets["int8"]["meta"].get("parity"),
+              "forward_cached": {"fp32": fp32.meta["cached"], "int8": int8.meta["cached"]},
+              **parity(fp32, int8, ops32.points, ops8.points, mode="int8")}
+    full, default = str(fp32.nesting[-1]), ops8.default
+    report["checks"] = {
+        "agreement_2048_at_least_0.99": report["agreement"][full] >= INT8_AGREEMENT,
+        "default_cascade_within_0.3pt": abs(report["cascade"][default]["top1_delta"]) <= INT8_CASCADE}
     return report
 
 
@@ -58,8 +96,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--thresholds", default=str((DEMO / "thresholds.json").relative_to(ROOT)))
     p.add_argument("--data", default="fashion-mnist:test")
     p.add_argument("--no-cache", action="store_true", help="always run the forward passes")
-    p.add_argument("--out", default=str(ROOT / "docs" / "parity.json"))
+    p.add_argument("--mode", choices=("bf16", "int8"), default="bf16")
+    p.add_argument("--out", default=None, help="default docs/parity.json (bf16), docs/parity_int8_<model>.json")
     args = p.parse_args(argv)
+    if args.mode == "int8":
+        out = args.out or str(ROOT / "docs" / f"parity_int8_{Path(args.checkpoint).parent.name}.json")
+        report = int8_parity(args, None if args.no_cache else DEFAULT_CACHE)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(markdown(report))
+        print(f"wrote {out}")
+        return report
+    args.out = args.out or str(ROOT / "docs" / "parity.json")
     if not bf16_supported(torch.device("cpu")):
         raise SystemExit("this CPU has no bf16 support: nothing to compare")
     cache = None if args.no_cache else DEFAULT_CACHE
@@ -88,17 +135,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(r: dict) -> str:
     sizes = [str(m) for m in r["sizes"]]
-    lines = [f"Parity on `{r['data']}` ({r['n']} images), graph {r['graph']}, {r['machine']['cpu']}; "
-             f"`{r['command']}` on {r['date']}.", "",
+    m = r.get("mode", "bf16")
+    lines = [f"Parity of {m} against fp32 on `{r['data']}` ({r['n']} images), graph {r['graph']}, "
+             f"{r['machine']['cpu']}; `{r['command']}` on {r['date']}.", "",
              "| | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes),
              "| top-1 fp32 | " + " | ".join(f"{r['top1']['fp32'][s]:.4f}" for s in sizes) + " |",
-             "| top-1 bf16 | " + " | ".join(f"{r['top1']['bf16'][s]:.4f}" for s in sizes) + " |",
-             "| bf16 = fp32 prediction | " + " | ".join(f"{r['agreement'][s]:.4f}" for s in sizes) + " |", "",
-             f"| operating point (thresholds fit in {r['thresholds_numerics']}) | cascade top-1 fp32 | bf16 | "
-             "difference (pt) | expected dims fp32 / bf16 | same answer |", "|---|---|---|---|---|---|"]
+             f"| top-1 {m} | " + " | ".join(f"{r['top1'][m][s]:.4f}" for s in sizes) + " |",
+             f"| {m} = fp32 prediction | " + " | ".join(f"{r['agreement'][s]:.4f}" for s in sizes) + " |", "",
+             f"| operating point (thresholds fit in {r['thresholds_numerics']}) | cascade top-1 fp32 | {m} | "
+             f"difference (pt) | expected dims fp32 / {m} | same answer |", "|---|---|---|---|---|---|"]
     for name, c in r["cascade"].items():
-        lines.append(f"| {name} | {c['fp32']['top1']:.4f} | {c['bf16']['top1']:.4f} | {100 * c['top1_delta']:+.2f} | "
-                     f"{c['fp32']['expected_dims']:.1f} / {c['bf16']['expected_dims']:.1f} | {c['agreement']:.4f} |")
+        lines.append(f"| {name} | {c['fp32']['top1']:.4f} | {c[m]['top1']:.4f} | {100 * c['top1_delta']:+.2f} | "
+                     f"{c['fp32']['expected_dims']:.1f} / {c[m]['expected_dims']:.1f} | {c['agreement']:.4f} |")
+    lines += ["", "Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r.get("checks", {}).items())]
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from PIL import Image
 from client.http import Client, run_load
 from handler.checkpoint import ModelCard, imagenet_classes, load_mrl_resnet50, official_card, save_checkpoint
 from handler.model import mrl_resnet50
-from handler.engine import configure_threads, resolve_numerics
+from handler.engine import configure_threads, cpu_isa, isa_name, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
 from model_store.build_archive import archive
@@ -57,11 +57,9 @@ MODES = {
 
 def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    isa = cpu_isa()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": str(torch.__version__),
-            "python": platform.python_version(), "avx2": "avx2" in flags.split(),
-            "avx512f": "avx512f" in flags.split(), "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags}
+            "python": platform.python_version(), **isa, "isa": isa_name(isa)}
 
 
 def save_report(report: dict, out: str | Path, headline: dict) -> dict:

@@ -60,6 +60,28 @@ def fit_all(out: Outputs, args: argparse.Namespace) -> tuple[dict, list[Point], 
     return scored, frontier, ltt
 
 
+# int8 passes parity, and ``auto`` may serve it, when on the holdout its 2048-d answers agree with
+# fp32's on at least this share and its default point's cascade top-1 (thresholds fit in int8) is
+# within this of fp32's default point (thresholds fit in fp32). Issue #18's bar.
+PARITY_AGREEMENT, PARITY_CASCADE = 0.99, 0.003
+
+
+def parity_with_fp32(out: Outputs, fp32: Outputs, scored: dict, args: argparse.Namespace) -> dict:
+    """How the outputs of another numerics mode compare with fp32's on the same images."""
+    if not np.array_equal(out.labels, fp32.labels):
+        raise ValueError("the two runs saw different data")
+    agreement = {str(m): float(a) for m, a in zip(out.nesting, (out.pred == fp32.pred).mean(axis=0))}
+    name = DEFAULT_POINT[args.method]
+    ref = fit_all(fp32, args)[0][name][3]
+    delta = scored[name][3].top1 - ref.top1
+    full = str(out.nesting[-1])
+    return {"data": args.data, "n": int(len(out.labels)), "agreement": agreement,
+            "default_point": name, "cascade_top1": scored[name][3].top1, "fp32_cascade_top1": ref.top1,
+            "cascade_top1_delta": round(delta, 6),
+            "passed": bool(agreement[full] >= PARITY_AGREEMENT and abs(delta) <= PARITY_CASCADE),
+            "rule": f"2048-d agreement >= {PARITY_AGREEMENT} and |default cascade top-1 delta| <= {PARITY_CASCADE}"}
+
+
 def frontier_vs_greedy(greedy: Point, frontier: list[Point], on_eval: list[Point], ev: Outputs) -> dict:
     """Greedy against the frontier on the evaluation data, two ways: (a) the frontier point picked
     on the holdout (cheapest with holdout top-1 >= greedy's), scored on eval; (b) the cheapest path
@@ -251,8 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
     p.add_argument("--since-hours", type=float, default=None,
                    help="capture data: only the records of the last N hours")
-    p.add_argument("--numerics", choices=("fp32", "bf16"),
-                   help="fit in this mode (default: what this CPU serves the card's in); emulated if the CPU lacks it")
+    p.add_argument("--numerics", choices=("fp32", "bf16", "int8"),
+                   help="fit in this mode (default: what this CPU serves the card's in); bf16 is emulated if "
+                        "the CPU lacks it; int8 quantizes the backbone (handler/quantize.py) and records parity")
+    p.add_argument("--int8-data", help="int8: the images that calibrate the quantizer (default: --data)")
     p.add_argument("--add", action="store_true",
                    help="add this numerics mode's set to the --out file (replacing a set of the same mode)")
     p.add_argument("--no-cache", action="store_true")
@@ -267,8 +291,13 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--since-hours applies to capture:DIR data only")
     since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
 
+    program = None
+    if args.numerics == "int8":
+        from handler import quantize
+
+        program = quantize.build(args.checkpoint, args.int8_data or args.data)
     out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, since=since,
-                  numerics=args.numerics, emulate=bool(args.numerics))
+                  numerics=args.numerics, emulate=bool(args.numerics), int8_program=program)
     if out.meta.get("emulated"):
         print(f"note: this CPU has no {out.meta['numerics']} instructions: {out.meta['numerics']} is emulated "
               "(same rounding, slower)", file=sys.stderr)
@@ -276,10 +305,16 @@ def main(argv: list[str] | None = None) -> dict:
     scored, frontier, _ = fit_all(out, args)
     fit_seconds = time.perf_counter() - t0
     doc = thresholds_doc(out, scored, frontier, args)
+    if "int8_program" in out.meta:  # the quantized backbone these outputs came from (int8)
+        doc["meta"]["int8_program"] = out.meta["int8_program"]
+    if program is not None:
+        fp32 = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, numerics="fp32")
+        doc["meta"]["parity"] = parity_with_fp32(out, fp32, scored, args)
+        print(f"int8 parity on {args.data}: {json.dumps(doc['meta']['parity'])}", file=sys.stderr)
     evals = {}
     if args.eval_data:
         ev = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=cache,
-                     numerics=args.numerics, emulate=bool(args.numerics))
+                     numerics=args.numerics, emulate=bool(args.numerics), int8_program=program)
         evals = {"top1": ev.top1(), "points": {n: score(ev, t).__dict__ for n, (t, *_r) in scored.items()}}
         on_eval = [score(ev, list(p.thresholds)) for p in frontier]
         evals["frontier"] = [[round(q.expected_dims, 4), round(q.top1, 6)] for q in on_eval]

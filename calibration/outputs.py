@@ -66,23 +66,29 @@ def from_capture(checkpoint: str | Path, spec: str, since: float | None = None) 
     meta = {"checkpoint_sha256": sha, "data": spec, "numerics": cap.header["numerics"],
             "card_numerics": card.numerics, "graph": cap.header.get("graph", "jit"),
             "nesting": list(card.nesting), "n": len(cap.conf), "cached": False, "unlabeled": True,
+            **({"int8_program": {"fingerprint": cap.header["int8_program_fingerprint"]}}
+               if "int8_program_fingerprint" in cap.header else {}),
             "capture": {"files": cap.files, "skipped_lines": cap.skipped_lines,
                         "first": float(cap.t.min()), "last": float(cap.t.max())}}
     return Outputs(cap.conf, cap.pred, cap.pred[:, -1].astype(np.int64), card.nesting, meta)
 
 
 def forward_spec(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
-                 batch_size: int = 250, progress: bool = True, limit: int | None = None, emulate: bool = False):
+                 batch_size: int = 250, progress: bool = True, limit: int | None = None, emulate: bool = False,
+                 int8_program=None):
     """Run the model over a data spec the way a worker would (its preprocessing, Engine, numerics
     and graph mode): yields ((B, S, C) probabilities, (B, 2048) embedding, the data set) per batch,
     in order. Calibration keeps the probabilities; retrieval keeps the embeddings. ``emulate``: run
-    the card's (or ``numerics``') mode even where this CPU would serve it in fp32 (Engine)."""
+    the card's (or ``numerics``') mode even where this CPU would serve it in fp32 (Engine).
+    ``numerics='int8'`` runs ``int8_program`` (handler/quantize.py) with the fp32 heads."""
     configure_threads()
-    model, card = load_mrl_resnet50(checkpoint, numerics=numerics)
+    int8 = numerics == "int8"
+    model, card = load_mrl_resnet50(checkpoint, numerics="fp32" if int8 else numerics)
     data = load_spec(spec, card.classes, limit=limit)
-    batch_size = min(batch_size, len(data))
-    engine = Engine(model, numerics=card.numerics if emulate else resolve_numerics(card.numerics), graph=graph,
-                    input_size=card.preprocessing.crop, batch_sizes=(batch_size,), emulate=emulate)
+    batch_size = min(batch_size, len(data), 64 if int8 else len(data))  # the program's batch bound
+    mode = "int8" if int8 else card.numerics if emulate else resolve_numerics(card.numerics)
+    engine = Engine(model, numerics=mode, graph=graph, input_size=card.preprocessing.crop,
+                    batch_sizes=(batch_size,), emulate=emulate, int8_program=int8_program)
     normalize = Normalizer(card.preprocessing)
     bar = tqdm(total=len(data), desc=f"forward {spec}", unit="img", disable=not progress, file=sys.stderr)
     for start in range(0, len(data), batch_size):
@@ -95,22 +101,26 @@ def forward_spec(checkpoint: str | Path, spec: str, *, graph: str = "jit", numer
 
 def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: str | None = None,
             batch_size: int = 250, cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True,
-            since: float | None = None, emulate: bool = False) -> Outputs:
+            since: float | None = None, emulate: bool = False, int8_program=None) -> Outputs:
     """Run the model over ``spec`` (or read the cache) and return per-size confidences and labels.
 
-    ``numerics`` overrides the card's (the parity check runs one checkpoint both ways). A
+    ``numerics`` overrides the card's (the parity check runs one checkpoint both ways); 'int8'
+    runs ``int8_program`` (a ``handler.quantize.Program``, whose fingerprint keys the cache). A
     ``capture:DIR`` spec is read back from the server's traffic capture (records at or after the
     Unix time ``since``), never cached."""
     if is_capture(spec):
         return from_capture(checkpoint, spec, since)
     sha = file_sha256(checkpoint)
-    card, _ = read_checkpoint(checkpoint, numerics=numerics)  # the cache key needs only the card
-    used = resolve_numerics(card.numerics)  # what a worker on this CPU serves (fp32 if no bf16)
-    emulate = emulate and used != card.numerics  # only where this CPU lacks the instructions
+    int8 = numerics == "int8"
+    card, _ = read_checkpoint(checkpoint, numerics=None if int8 else numerics)  # the cache key needs only the card
+    used = "int8" if int8 else resolve_numerics(card.numerics)  # what a worker on this CPU serves
+    emulate = emulate and not int8 and used != card.numerics  # only where this CPU lacks the instructions
     meta = {"checkpoint_sha256": sha, "data": spec, "numerics": card.numerics if emulate else used,
-            "card_numerics": card.numerics, "graph": graph,
+            "card_numerics": card.numerics, "graph": "compile" if int8 else graph,
             "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting),
-            **({"emulated": True} if emulate else {})}
+            **({"emulated": True} if emulate else {}),
+            **({"int8_program": {k: int8_program.meta[k] for k in ("fingerprint", "data", "images", "reduce_range")}}
+               if int8 else {})}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir / f"outputs-{key}.npz" if cache_dir else None
     if cached and cached.exists():
@@ -119,8 +129,8 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
 
     conf, pred = [], []
     data = None
-    for probs, _emb, data in forward_spec(checkpoint, spec, graph=graph, numerics=numerics,
-                                          batch_size=batch_size, progress=progress, emulate=emulate):
+    for probs, _emb, data in forward_spec(checkpoint, spec, graph=graph, numerics=numerics, batch_size=batch_size,
+                                          progress=progress, emulate=emulate, int8_program=int8_program):
         c, p = probs.max(dim=-1)
         conf.append(c.numpy())
         pred.append(p.numpy().astype(np.int32))

@@ -1,7 +1,7 @@
 """The backbone path: normalized batch in, per-size probabilities and embedding out, fast.
 
-``Engine`` owns the numerics (fp32 or bf16 autocast), the memory format (channels_last) and the
-graph mode:
+``Engine`` owns the numerics (fp32, bf16 autocast, or int8: a PT2E-quantized backbone from
+handler/quantize.py with fp32 heads), the memory format (channels_last) and the graph mode:
 
 * ``eager``   plain PyTorch;
 * ``jit``     traced and frozen TorchScript (BN folded), any batch size; on CPU with oneDNN Graph
@@ -44,6 +44,18 @@ class _Serving(nn.Module):
         return F.softmax(logits.float(), dim=-1), emb.float()
 
 
+class _QuantizedServing(nn.Module):
+    """int8: the quantized backbone (handler/quantize.py), then the nested heads and softmax in fp32."""
+
+    def __init__(self, backbone: nn.Module, heads: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.backbone(x).float()
+        return F.softmax(self.heads(emb).float(), dim=-1), emb
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -59,6 +71,67 @@ def resolve_numerics(numerics: str, device: torch.device | str = "cpu") -> str:
     return numerics
 
 
+def cpu_isa() -> dict[str, bool]:
+    """The CPU features that decide the fast numerics (Linux /proc/cpuinfo; all False elsewhere)."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        flags = set()
+    return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": "amx_bf16" in flags and "amx_int8" in flags}
+
+
+def isa_name(isa: dict[str, bool]) -> str:
+    return "amx" if isa["amx"] else "avx512_bf16" if isa["avx512_bf16"] else "vnni" if isa["vnni"] else "avx2"
+
+
+# ``auto``'s preference per CPU class, fastest first (docs/benchmarks.md has the measurements):
+# AMX: int8 188 > bf16 131 > fp32 img/s for the ResNet50 backbone (../shared/NOTES.md); AVX512-BF16
+# without AMX: bf16 matmuls run at half the fp32 rate at 224x224, VNNI int8 is the fast path; AVX2:
+# int8 with 7-bit activations against fp32, measured here (bench.run int8 rows).
+AUTO_ORDER = {"amx": ("int8", "bf16", "fp32"), "avx512_bf16": ("int8", "fp32", "bf16"),
+              "vnni": ("int8", "fp32"), "avx2": ("int8", "fp32")}
+REQUESTS = ("card", "fp32", "bf16", "int8", "auto")
+
+
+def choose_numerics(requested: str, card_numerics: str, sets: dict[str, dict] | None, has_int8: bool,
+                    device: torch.device | str = "cpu", isa: dict[str, bool] | None = None) -> tuple[str, str]:
+    """(the numerics a worker serves, why). ``requested``: 'card' (the card's, bf16 falling back to
+    fp32 without bf16 instructions), a mode, or 'auto': the first of ``AUTO_ORDER`` for this CPU
+    that the thresholds hold a set for (``sets``: mode -> set; None when the model has no
+    thresholds), that the device runs natively, and, for int8, whose set passed parity with fp32
+    (fit_thresholds.py records it) and whose quantized backbone is in the archive."""
+    if requested not in REQUESTS:
+        raise ValueError(f"numerics must be one of {REQUESTS}, got {requested!r}")
+    if requested == "card":
+        mode = resolve_numerics(card_numerics, device)
+        return mode, "the card's" if mode == card_numerics else f"the card's {card_numerics} without bf16 here"
+    if requested == "int8":
+        if not has_int8:
+            raise ValueError("numerics 'int8' needs the quantized backbone in the archive (build_archive.py --numerics int8)")
+        return "int8", "asked for"
+    if requested in ("fp32", "bf16"):
+        mode = resolve_numerics(requested, device)
+        return mode, "asked for" if mode == requested else "bf16 asked for, no bf16 here"
+    if torch.device(device).type != "cpu":
+        return resolve_numerics(card_numerics, device), "auto on a non-CPU device: the card's"
+    isa = cpu_isa() if isa is None else isa
+    skipped = []
+    for mode in AUTO_ORDER[isa_name(isa)]:
+        if sets is not None and mode not in sets:
+            skipped.append(f"{mode}: no thresholds set")
+        elif mode == "bf16" and not (isa["amx"] or isa["avx512_bf16"]):
+            skipped.append("bf16: no bf16 instructions")
+        elif mode == "int8" and not has_int8:
+            skipped.append("int8: no quantized backbone in the archive")
+        elif mode == "int8" and not (sets or {}).get("int8", {}).get("meta", {}).get("parity", {}).get("passed"):
+            skipped.append("int8: its thresholds set did not pass parity with fp32")
+        else:
+            return mode, f"auto on {isa_name(isa)}" + (f" ({'; '.join(skipped)})" if skipped else "")
+    raise ValueError(f"auto found no numerics to serve on {isa_name(isa)}: {'; '.join(skipped)}")
+
+
 def threshold_numerics(numerics: str, device: torch.device | str = "cpu") -> tuple[str, ...]:
     """The numerics a thresholds file may have been fit in to serve a card of ``numerics``: the
     card's, or what this device serves it in (a refit here, or one from traffic captured here)."""
@@ -71,12 +144,23 @@ class Engine:
     def __init__(self, model: MRLResNet50, *, numerics: str = "fp32", device: str | torch.device = "cpu",
                  graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,),
                  channels_last: bool = True, onednn_fusion: bool = True,
-                 graph_cache: str | os.PathLike | None = None, cache_key: str = "", emulate: bool = False) -> None:
+                 graph_cache: str | os.PathLike | None = None, cache_key: str = "", emulate: bool = False,
+                 int8_program=None) -> None:
         """``emulate``: run bf16 even where the device has no bf16 instructions (same rounding of
         weights and activations to bf16, fp32 accumulation, about 5x slower than fp32 on an AVX2
-        CPU). For calibrating a bf16 set of thresholds on such a machine, never for serving."""
-        if numerics not in ("fp32", "bf16"):
-            raise ValueError(f"numerics must be 'fp32' or 'bf16', got {numerics!r}")
+        CPU). For calibrating a bf16 set of thresholds on such a machine, never for serving.
+
+        ``numerics='int8'`` needs ``int8_program`` (a ``handler.quantize.Program``): the quantized
+        backbone runs under torch.compile with inductor freezing whatever ``graph`` says."""
+        if numerics not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"numerics must be 'fp32', 'bf16' or 'int8', got {numerics!r}")
+        if numerics == "int8":
+            if int8_program is None:
+                raise ValueError("numerics 'int8' needs the quantized backbone (handler/quantize.py)")
+            if torch.device(device).type != "cpu":
+                raise ValueError("numerics 'int8' runs on CPU (X86InductorQuantizer)")
+            graph = "compile"
+        self.int8_program = int8_program
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph must be one of {GRAPH_MODES}, got {graph!r}")
         self.device = torch.device(device)
@@ -92,7 +176,9 @@ class Engine:
                               ).to(memory_format=self.memory_format)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if graph == "jit":
+            if numerics == "int8":
+                module = self._compile_int8(model, int8_program)
+            elif graph == "jit":
                 # A process-wide switch, read when the profiling executor optimizes the graph
                 # (during warm-up below); one Engine per worker process, so setting it is safe.
                 self.onednn_fusion = onednn_fusion and self.device.type == "cpu"
@@ -117,6 +203,20 @@ class Engine:
         self.warm_up(batch_sizes, input_size)
         # Where a worker's start goes (logged by the TorchServe handler; bench/recovery.py reads it).
         self.timings = {"graph_s": t1 - t0, "warm_up_s": time.perf_counter() - t1}
+
+    @staticmethod
+    def _compile_int8(model: MRLResNet50, program) -> nn.Module:
+        from handler.quantize import load_backbone
+        import torch._inductor.config as inductor_config
+
+        # Inductor keeps its cache in its own place (TORCHINDUCTOR_CACHE_DIR, default
+        # /tmp/torchinductor_<user>); measured, a start with it warm compiles as long as a cold one.
+        inductor_config.freezing = True
+        inductor_config.fx_graph_cache = True
+        # No .eval() on the wrapper: an exported module refuses train(); it holds no BN or dropout.
+        module = _QuantizedServing(load_backbone(program), model.fc.float().eval())
+        # Dynamic batch: one graph for batch 1 (specialized) and one for every other size.
+        return torch.compile(module, dynamic=True)
 
     def _graph_file(self, folder, key: str, example: torch.Tensor) -> Path | None:
         """Where the frozen graph for this model and these settings lives in ``folder``: a name

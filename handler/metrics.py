@@ -32,6 +32,9 @@ METRICS = (
     MetricSpec("mrl_disagreement_alert_ratio", "gauge", ("model_name", "operating_point"),
                "The disagreement ratio above which the alert fires for this operating point (from the "
                "thresholds file: epsilon, or a factor times the holdout disagreement).", "ratio"),
+    MetricSpec("mrl_numerics_info", "gauge", ("model_name", "numerics"),
+               "1 for the numerics this model's workers serve (fp32, bf16 or int8; 'auto' chose it from the "
+               "CPU's flags and the thresholds' sets).", "count"),
     MetricSpec("mrl_embedding_dims_total", "counter", ("model_name",),
                "Sum of the embedding sizes that answered requests; divide by exits for mean dims.", "count"),
     MetricSpec("mrl_cascade_escalations_total", "counter", ("model_name", "from_dim"),

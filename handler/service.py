@@ -19,13 +19,13 @@ import torch
 from handler.capture import CaptureConfig, TrafficCapture
 from handler.cascade import CascadeResult, fixed_dim_row, run_cascade, threshold_rows
 from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
-from handler.engine import Engine, resolve_numerics, threshold_numerics
+from handler.engine import Engine, bf16_supported, choose_numerics, resolve_numerics
 from handler.errors import InputError
 from handler.metrics import MetricsSink, NullSink
 from handler.preprocess import MAX_PIXELS, Normalizer, crop_image, decode_image
 from handler.oip import V2Request, parse_v2, v2_body, v2_error, v2_response
 from handler.requests import Options, parse_item
-from handler.thresholds import OperatingPoints, load_thresholds
+from handler.thresholds import OperatingPoints, numerics_sets, parse_thresholds
 
 log = logging.getLogger(__name__)
 FIXED_DIM = "fixed_dim"  # operating_point reported (and used as metric label) for dim= requests
@@ -39,13 +39,15 @@ class MRLService:
                  sink: MetricsSink | None = None, max_pixels: int = MAX_PIXELS,
                  channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True,
                  capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None,
-                 gallery=None, graph_cache: str | Path | None = None) -> None:
+                 gallery=None, graph_cache: str | Path | None = None, numerics: str | None = None,
+                 int8_program=None) -> None:
         self.card, self.points, self.name = card, points, name
         self.nesting = card.nesting
         self.sink = sink or NullSink()
         self.max_pixels, self.jpeg_draft = max_pixels, jpeg_draft
-        numerics = resolve_numerics(card.numerics, device)
-        if numerics != card.numerics:
+        numerics = numerics or resolve_numerics(card.numerics, device)
+        self.numerics = numerics
+        if numerics == "fp32" and card.numerics == "bf16" and not bf16_supported(torch.device(device)):
             # Measured on the demo model (docs/parity.json): bf16 and fp32 agree on 99.96 % of 2048-d
             # answers, and bf16-fit thresholds on fp32 outputs move the cascade's top-1 by 0.03 pt.
             log.warning("the card asks for %s but %s has no bf16 support: serving %s with the "
@@ -54,7 +56,7 @@ class MRLService:
         self.engine = Engine(model, numerics=numerics, device=device, graph=graph,
                              input_size=card.preprocessing.crop, batch_sizes=batch_sizes,
                              channels_last=channels_last, onednn_fusion=onednn_fusion,
-                             graph_cache=graph_cache, cache_key=checkpoint_sha256 or "")
+                             graph_cache=graph_cache, cache_key=checkpoint_sha256 or "", int8_program=int8_program)
         self.normalize = Normalizer(card.preprocessing, device)
         # One threshold row per operating point and per fixed dim, built once, indexed per request.
         rows = {name: list(t) for name, t in points.points.items()}
@@ -65,6 +67,7 @@ class MRLService:
         if capture is not None:
             self.capture = TrafficCapture(capture, model=name, header={
                 "checkpoint_sha256": checkpoint_sha256, "numerics": numerics,
+                **({"int8_program_fingerprint": int8_program.fingerprint} if int8_program is not None else {}),
                 "nesting": list(self.nesting), "graph": self.engine.graph})
             log.info("traffic capture on: %s (at most %.0f MiB)", capture.folder, capture.max_bytes / 2**20)
         if not points.fitted:
@@ -73,20 +76,43 @@ class MRLService:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, gallery_dir: str | Path | None = None, graph_cache: bool = True,
-                 **kwargs) -> "MRLService":
+                 numerics: str = "card", **kwargs) -> "MRLService":
         """Load ``checkpoint.pt`` and, if present, ``thresholds.json`` from a model folder, and the
         gallery in ``gallery_dir`` (refused if it was built from another checkpoint).
 
         ``graph_cache``: the first worker keeps its frozen graph in the model folder, so that a
-        worker restarted after a crash loads it instead of tracing again (docs/reliability.md)."""
+        worker restarted after a crash loads it instead of tracing again (docs/reliability.md).
+
+        ``numerics``: 'card', a mode, or 'auto' (``handler.engine.choose_numerics``); int8 runs the
+        quantized backbone ``int8.pt2`` of the folder (handler/quantize.py) and needs a thresholds
+        set fit on exactly that program."""
+        import json
+
         model_dir = Path(model_dir)
         ckpt = model_dir / "checkpoint.pt"
         model, card = load_mrl_resnet50(ckpt)
         sha = file_sha256(ckpt)
         thresholds = model_dir / "thresholds.json"
-        if thresholds.exists():
-            points = load_thresholds(thresholds, nesting=card.nesting, checkpoint_sha256=sha,
-                                     numerics=threshold_numerics(card.numerics, kwargs.get("device", "cpu")))
+        doc = json.loads(thresholds.read_text()) if thresholds.exists() else None
+        program_file = model_dir / "int8.pt2"
+        device = kwargs.get("device", "cpu")
+        mode, why = choose_numerics(numerics, card.numerics, numerics_sets(doc) if doc else None,
+                                    program_file.exists(), device)
+        log.info("numerics %s, requested %s: %s", mode, numerics, why)
+        program = None
+        if mode == "int8":
+            from handler.quantize import open_program
+
+            program = open_program(program_file)
+        if doc is not None:
+            # A set fit in the mode that serves; a bf16 card served in fp32 on a CPU without bf16
+            # may also use a one-set file fit in bf16 (the files from before sets per mode).
+            accepted = (mode,) if mode == "int8" else tuple(dict.fromkeys((card.numerics, mode)))
+            points = parse_thresholds(doc, nesting=card.nesting, checkpoint_sha256=sha, numerics=accepted)
+            fit_on = points.meta.get("int8_program", {}).get("fingerprint")
+            if program is not None and fit_on != program.fingerprint:
+                raise ValueError(f"the int8 thresholds were fit on quantized backbone {fit_on} but "
+                                 f"{program_file} is {program.fingerprint}; refit with --numerics int8")
         else:
             points = OperatingPoints.fixed(card.nesting)
         gallery = None
@@ -95,7 +121,8 @@ class MRLService:
             gallery = Gallery.open(gallery_dir, checkpoint_sha256=sha, hnsw=False)
             log.info("gallery %s: %d items from %s", gallery_dir, len(gallery), gallery.meta.get("spec"))
         return cls(model, card, points, checkpoint_sha256=sha, gallery=gallery,
-                   graph_cache=model_dir / "graph_cache" if graph_cache else None, **kwargs)
+                   graph_cache=model_dir / "graph_cache" if graph_cache else None, numerics=mode,
+                   int8_program=program, **kwargs)
 
     def handle(self, items: Sequence[Mapping[str, Any]],
                headers: Sequence[Mapping[str, Any]] | None = None) -> list[tuple[int, dict]]:
@@ -224,6 +251,7 @@ class MRLService:
                 self.sink.emit("mrl_disagreement_alert_ratio", self.points.alert_disagreement[point],
                                (self.name, point))
         self.sink.emit("mrl_embedding_dims_total", int(result.exit_dim.sum()), (self.name,))
+        self.sink.emit("mrl_numerics_info", 1, (self.name, self.numerics))
         for m, n in escalations.items():
             self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))
         return answers, result

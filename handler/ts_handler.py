@@ -54,11 +54,11 @@ class MRLHandler:
             jpeg_draft=bool(settings.get("jpeg_draft", True)),
             onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics),
             capture=CaptureConfig.from_settings(settings), gallery_dir=settings.get("gallery_dir"),
-            graph_cache=bool(settings.get("graph_cache", True)))
+            graph_cache=bool(settings.get("graph_cache", True)), numerics=str(settings.get("numerics", "card")))
         t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s", context.model_name, device, threads,
-                 self.service.engine.graph, self.service.card.numerics, batch_size,
+                 self.service.engine.graph, self.service.numerics, batch_size,
                  list(self.service.points.points), self.service.points.default)
         # One line that says where the worker's start went (bench/recovery.py reads it): the
         # process's age covers the interpreter, the imports and TorchServe's own set-up.

@@ -37,6 +37,7 @@ responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a s
   jpeg_draft: {jpeg_draft}      # let libjpeg decode at a reduced scale before resizing
   onednn_fusion: {onednn_fusion}   # jit on CPU: oneDNN Graph fuses conv/add/relu partitions
   graph_cache: {graph_cache}     # jit: a restarted worker loads the frozen graph instead of tracing
+  numerics: {numerics}          # card | fp32 | bf16 | int8 | auto (the fastest this CPU runs that has a thresholds set)
 """
 GALLERY_CONFIG = """\
   gallery_dir: {gallery_dir}   # neighbors requests search this gallery (retrieval/build_index.py)
@@ -70,6 +71,7 @@ def build(args: argparse.Namespace) -> Path:
     else:
         print(f"warning: no thresholds given; {args.name} will answer every request at "
               f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)
+    program = int8_program(args, ckpt)
     out = Path(args.export_path).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +98,10 @@ def build(args: argparse.Namespace) -> Path:
         if args.thresholds:
             shutil.copy(args.thresholds, stage / "thresholds.json")
             extra.append(str(stage / "thresholds.json"))
+        if program is not None:  # the quantized backbone, and the meta the worker checks it against
+            shutil.copy(program.path, stage / "int8.pt2")
+            shutil.copy(program.path.with_suffix(".json"), stage / "int8.json")
+            extra += [str(stage / "int8.pt2"), str(stage / "int8.json")]
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", args.name, "--version", args.version,
                "--serialized-file", str(stage / "checkpoint.pt"),
                "--handler", str(ROOT / "handler" / "ts_handler.py"),
@@ -104,8 +110,45 @@ def build(args: argparse.Namespace) -> Path:
         subprocess.run(cmd, check=True, cwd=stage)
     mar = out / f"{args.name}.mar"
     print(f"built {mar} ({mar.stat().st_size / 2**20:.1f} MiB): {card.name}, {len(card.classes)} classes, "
-          f"{card.numerics}, graph={args.graph}, batch {args.batch_size} / {args.batch_delay} ms")
+          f"card {card.numerics}, numerics={args.numerics}{' (int8 backbone included)' if program else ''}, "
+          f"graph={args.graph}, batch {args.batch_size} / {args.batch_delay} ms")
     return mar
+
+
+def int8_program(args: argparse.Namespace, ckpt: Path):
+    """The quantized backbone the archive carries for --numerics int8 or auto: the one the
+    thresholds' int8 set was fit on (rebuilt from its record if not cached here), else one
+    calibrated on --int8-data; None when the archive serves float numerics only."""
+    if args.numerics not in ("int8", "auto"):
+        return None
+    from handler import quantize
+
+    fit = {}
+    if args.thresholds:
+        sets = numerics_sets(json.loads(Path(args.thresholds).read_text()))
+        fit = sets.get("int8", {}).get("meta", {}).get("int8_program", {})
+    if not fit:
+        if args.numerics == "auto":
+            return None  # no int8 set: auto chooses among the float modes
+        if args.thresholds:
+            raise SystemExit(f"--numerics int8: {args.thresholds} has no int8 set; fit one with "
+                             "calibration/fit_thresholds.py --numerics int8 --add")
+        if not args.int8_data:
+            raise SystemExit("--numerics int8 without thresholds needs --int8-data (calibration images)")
+        return quantize.build(ckpt, args.int8_data)
+    program = quantize.build(ckpt, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
+    if program.fingerprint != fit["fingerprint"] and args.numerics == "auto":
+        # Another CPU computes the calibration pass's floats a little differently, so the scales
+        # differ: the int8 set does not describe this program, and auto serves a float mode.
+        print(f"warning: the thresholds' int8 set was fit on quantized backbone {fit['fingerprint'][:12]}, "
+              f"this machine builds {program.fingerprint[:12]}: auto leaves int8 out; refit here "
+              "(fit_thresholds.py --numerics int8 --add) to let it choose int8", file=sys.stderr)
+        return None
+    if program.fingerprint != fit["fingerprint"]:
+        raise SystemExit(f"the thresholds' int8 set was fit on quantized backbone {fit['fingerprint']}, but "
+                         f"{program.path} (built here from the same record) is {program.fingerprint}: "
+                         "refit it here (--numerics int8 --add)")
+    return program
 
 
 def archive(checkpoint: str | Path, export_path: str | Path, **options) -> Path:
@@ -134,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=5, help="maxBatchDelay in ms")
     p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
+    p.add_argument("--numerics", default="card", choices=("card", "fp32", "bf16", "int8", "auto"),
+                   help="what the workers serve: the card's, a mode, or auto (the fastest mode this CPU runs "
+                        "natively that has a thresholds set; int8 only if that set passed parity)")
+    p.add_argument("--int8-data", default=None, help="int8 without an int8 thresholds set: calibration images")
     p.add_argument("--workers", type=int, default=2,
                    help="workers for this model, sharing the cores (default 2: measured against 1 in "
                         "docs/reliability.md, a killed worker then costs its in-flight batch, not 8 s)")

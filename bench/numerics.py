@@ -1,0 +1,106 @@
+"""Serving numerics side by side: one bundled model archived once per numerics (fp32, bf16 where the
+CPU has it, int8, auto), served by one TorchServe, measured in alternating phases in one run; then
+each archive's cold start, from `torchserve --start` to the first answer, with a warm cache.
+
+    python -m bench.numerics [--model demo] [--pairs 3] [--phase-s 12]   # docs/numerics_<model>.json
+
+Per phase: saturation throughput with 8 clients and one client's p50. The report gives medians over
+the phases, each mode's ratio to fp32, what ``auto`` chose on this CPU (its worker's log line), and
+the CPU's ISA flags. int8 needs the thresholds' int8 set (fit_thresholds.py --numerics int8 --add).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, save_report, serve_phase
+from client.http import Client
+from handler.engine import bf16_supported, cpu_isa, isa_name
+from model_store.build_archive import archive
+from model_store.serve import read_keys, start, stop, wait_ready, write_config
+
+
+def cold_start(tmp: Path, store: Path, name: str, body: bytes, env: dict) -> float:
+    """Seconds from `torchserve --start` (this archive alone) to its first answer."""
+    config = write_config(tmp / f"cold-{name}.properties", store, extra=f"\nload_models={name}.mar\n")
+    stop(tmp)
+    t0 = time.perf_counter()
+    try:
+        start(name, 600, root=tmp, config=config, model_store=store, env=env)
+        status = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], name, timeout=120).predict(body).status
+        if status != 200:
+            raise RuntimeError(f"{name}: first answer {status}")
+        return time.perf_counter() - t0
+    finally:
+        stop(tmp)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="demo", choices=tuple(BUNDLED))
+    p.add_argument("--pairs", type=int, default=3, help="ABBA rounds of phases per mode")
+    p.add_argument("--phase-s", type=float, default=12.0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    folder, spec = BUNDLED[args.model]
+    ckpt, thresholds = folder / "mrl_resnet50_fp16.pt", folder / "thresholds.json"
+    modes = ["fp32", *(["bf16"] if bf16_supported(__import__("torch").device("cpu")) else []), "int8", "auto"]
+    bodies = demo_inputs(spec=spec)
+    isa = cpu_isa()
+    report = {"machine": {**machine(), "isa": isa_name(isa), "flags": isa},
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m bench.numerics " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": args.model, "phase_s": args.phase_s, "concurrency": args.concurrency, "modes": modes}
+    env = {**os.environ, **MALLOC_ENV}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        store = tmp / "store"
+        store.mkdir()
+        for mode in modes:
+            archive(ckpt, store, thresholds=thresholds, name=mode, numerics=mode, workers=1)
+        config = write_config(tmp / "config.properties", store,
+                              extra="\nload_models=" + ",".join(f"{m}.mar" for m in modes) + "\n")
+        stop(tmp)
+        try:
+            start(modes[0], 600, root=tmp, config=config, model_store=store, env=env)
+            for mode in modes[1:]:
+                wait_ready(mode, 600, tmp)
+            log = (tmp / "logs" / "model_log.log").read_text(errors="replace")
+            chosen = {m: re.findall(rf"numerics (\w+), requested {m}: (.*)$", log, flags=re.M) for m in modes}
+            phases = {m: {"saturation": [], "one_client": []} for m in modes}
+            for i in range(args.pairs):
+                for mode in (modes if i % 2 == 0 else modes[::-1]):
+                    phases[mode]["saturation"].append(
+                        serve_phase(tmp, bodies, args.concurrency, args.phase_s, model=mode))
+                    phases[mode]["one_client"].append(serve_phase(tmp, bodies, 1, args.phase_s / 2, model=mode))
+                    print(mode, json.dumps({k: v[-1] for k, v in phases[mode].items()}), flush=True)
+        finally:
+            stop(tmp)
+        cold = {}
+        for mode in modes:  # the second start of each finds the caches the first one filled
+            cold[mode] = [cold_start(tmp, store, mode, bodies[0], env) for _ in range(2)]
+            print(mode, "cold start s", cold[mode], flush=True)
+    summary = {m: {"saturation_img_s": statistics.median(r["img_s"] for r in ph["saturation"]),
+                   "one_client_p50_ms": statistics.median(r["p50_ms"] for r in ph["one_client"]),
+                   "errors": sum(r["errors"] for k in ph for r in ph[k]),
+                   "cold_start_s": {"first": cold[m][0], "warm_cache": cold[m][1]},
+                   "served": chosen[m][0][0] if chosen[m] else None,
+                   "why": chosen[m][0][1] if chosen[m] else None} for m, ph in phases.items()}
+    base = summary["fp32"]["saturation_img_s"]
+    ratios = {m: s["saturation_img_s"] / base for m, s in summary.items()}
+    report.update(phases=phases, summary=summary, ratios_to_fp32=ratios)
+    out = args.out or str(ROOT / "docs" / f"numerics_{args.model}.json")
+    return save_report(report, out, {"machine": report["machine"]["cpu"], "isa": report["machine"]["isa"],
+                                     "summary": summary, "ratios_to_fp32": ratios})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""int8 numerics: the backbone quantized statically with PT2E (torchao's X86InductorQuantizer),
+calibrated on holdout images through the server's own preprocessing; heads and softmax stay fp32.
+
+    python -m handler.quantize --checkpoint CKPT --data SPEC [--images 512]   # build (or find) it
+
+The quantized backbone is an exported program (``.pt2``: int8 weights, a graph, no Python code)
+built once per checkpoint, calibration data and activation range, and cached by that key under
+``~/.cache/mrl-serve/int8/``. ``fit_thresholds.py --numerics int8`` calibrates thresholds on exactly
+that program (its fingerprint goes in the set's meta; a rebuild from the same inputs has the same
+fingerprint), ``build_archive.py`` puts it in the archive, and a worker compiles it with
+torch.compile and inductor freezing (``Engine``).
+
+Activations are quantized to 7 bits (``reduce_range``) on CPUs without VNNI: there oneDNN's int8
+kernels multiply u8 x s8 pairs into saturating int16 sums, and the 8-bit range measurably loses
+accuracy (on the demo model, 2,000 Fashion-MNIST test images, AVX2: 95.3 % of 2048-d answers agreed
+with fp32 at 8 bits, 99.65 % at 7). A program built with the 8-bit range is refused on such a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+CACHE = Path(os.environ.get("MRL_CACHE", Path.home() / ".cache" / "mrl-serve")) / "int8"
+CALIBRATION_IMAGES = 512
+CALIBRATION_BATCH = 8
+MAX_BATCH = 64  # the exported program's batch dimension is dynamic up to this
+
+
+@dataclass(frozen=True)
+class Program:
+    """A quantized backbone on disk and what it was built from."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def fingerprint(self) -> str:
+        """What the program computes: its graph's code (activation scales included) and every
+        tensor. Two builds from the same inputs match here though their files' bytes differ."""
+        return self.meta["fingerprint"]
+
+
+class _Backbone(nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(x)
+
+
+def cpu_has_vnni() -> bool:
+    """VNNI (AVX512-VNNI, AVX-VNNI) or AMX: int8 dot products without int16 saturation."""
+    from handler.engine import cpu_isa
+
+    isa = cpu_isa()
+    return isa["vnni"] or isa["amx"]
+
+
+def _torchao():
+    """Import torchao without its warnings about its CUDA-only kernels (mxfp8, cutlass), which a
+    CPU build cannot load and int8 on CPU does not use."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torchao
+        importlib.import_module("torchao.quantization.pt2e")  # registers the quantize/dequantize ops
+    finally:
+        logger.setLevel(level)
+    return torchao
+
+
+def _versions() -> dict:
+    return {"torch": str(torch.__version__), "torchao": _torchao().__version__}
+
+
+def program_key(checkpoint_sha256: str, spec: str, images: int, reduce_range: bool) -> str:
+    what = json.dumps([checkpoint_sha256, spec, images, reduce_range, _versions()], sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()[:20]
+
+
+def _strip_unused(gm: torch.fx.GraphModule) -> None:
+    """convert_pt2e folds the int8 weights into new constants but leaves the fp32 originals
+    registered; drop what no node reads (a ResNet50's program: 113 MiB -> about 25)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used and not any(u.startswith(name + ".") for u in used):
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def fingerprint(program: torch.export.ExportedProgram) -> str:
+    h = hashlib.sha256(program.graph_module.code.encode())
+    for name in sorted(program.state_dict):
+        t = program.state_dict[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def quantize_backbone(model, batches: Iterable[torch.Tensor], reduce_range: bool) -> torch.export.ExportedProgram:
+    """PT2E static quantization of ``model.embed``: export, insert observers, run ``batches``
+    (normalized, channels_last), convert; returned as a program with a dynamic batch dimension."""
+    _torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    batches = iter(batches)
+    first = next(batches)
+    dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)}
+    with torch.no_grad():
+        # strict=True: with strict=False the quantizer fails ("Input partition has more than one
+        # output node"; ../shared/NOTES.md).
+        graph = torch.export.export(_Backbone(model.eval()), (first,), strict=True, **dynamic).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(
+            xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
+        prepared = prepare_pt2e(graph, quantizer)
+        prepared(first)
+        for x in batches:
+            prepared(x)
+        converted = convert_pt2e(prepared)
+        _strip_unused(converted)
+        return torch.export.export(converted, (first,), strict=False, **dynamic)
+
+
+def calibration_batches(card, spec: str, images: int):
+    """``images`` images of ``spec`` through the server's preprocessing, in batches."""
+    from handler.preprocess import Normalizer, crop_image
+    from training.data import load_spec
+
+    data = load_spec(spec, card.classes, limit=images)
+    normalize = Normalizer(card.preprocessing)
+    for start in range(0, len(data), CALIBRATION_BATCH):
+        idx = range(start, min(start + CALIBRATION_BATCH, len(data)))
+        yield normalize([crop_image(data[i][0], card.preprocessing) for i in idx])
+
+
+def build(checkpoint: str | Path, spec: str, *, images: int = CALIBRATION_IMAGES, reduce_range: bool | None = None,
+          cache: Path = CACHE) -> Program:
+    """The int8 program for ``checkpoint`` calibrated on ``spec``, from the cache or built now."""
+    from handler.checkpoint import file_sha256, load_mrl_resnet50
+
+    sha = file_sha256(checkpoint)
+    reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
+    key = program_key(sha, spec, images, reduce_range)
+    path = Path(cache) / f"backbone-{key}.pt2"
+    if path.exists() and path.with_suffix(".json").exists():
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if "fingerprint" in meta:  # else from an older build: built again
+            return Program(path, meta)
+    t0 = time.perf_counter()
+    model, card = load_mrl_resnet50(checkpoint, numerics="fp32")
+    program = quantize_backbone(model, calibration_batches(card, spec, images), reduce_range)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
+    torch.export.save(program, str(tmp))
+    meta = {"checkpoint_sha256": sha, "data": spec, "images": images, "reduce_range": reduce_range,
+            "key": key, "fingerprint": fingerprint(program), "sha256": file_sha256(tmp), "build_s": round(time.perf_counter() - t0, 1), **_versions()}
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("int8 program %s built in %.1f s", path, meta["build_s"])
+    return Program(path, meta)
+
+
+def open_program(path: str | Path) -> Program:
+    """A program file and the meta beside it (``backbone.json``), checked against each other."""
+    from handler.checkpoint import file_sha256
+
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if file_sha256(path) != meta.get("sha256"):
+        raise ValueError(f"{path} does not match its meta {path.with_suffix('.json')} (sha256 differs)")
+    return Program(path, meta)
+
+
+def load_backbone(program: Program) -> torch.nn.Module:
+    """The quantized backbone as a module, refused where its activation range would saturate."""
+    _torchao()
+    if not program.meta.get("reduce_range") and not cpu_has_vnni():
+        raise ValueError(f"{program.path} quantizes activations to 8 bits, which saturates on a CPU "
+                         "without VNNI; rebuild it here (python -m handler.quantize) or serve another numerics")
+    return torch.export.load(str(program.path)).module()
+
+
+def main(argv: list[str] | None = None) -> Program:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="calibration images: a holdout spec or folder")
+    p.add_argument("--images", type=int, default=CALIBRATION_IMAGES)
+    p.add_argument("--reduce-range", choices=("auto", "yes", "no"), default="auto",
+                   help="7-bit activations (auto: where the CPU has no VNNI)")
+    args = p.parse_args(argv)
+    from handler.engine import configure_threads
+
+    configure_threads()
+    rr = {"auto": None, "yes": True, "no": False}[args.reduce_range]
+    program = build(args.checkpoint, args.data, images=args.images, reduce_range=rr)
+    print(json.dumps({"path": str(program.path), **program.meta}, indent=2))
+    return program
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

@@ -1,0 +1,43 @@
+"""int8 in a real TorchServe: an archive built with --numerics int8 carries the quantized backbone,
+its worker compiles and serves it, says so (log line and mrl_numerics_info), and answers exactly as
+the same program does in process."""
+import numpy as np
+import pytest
+
+from client.http import run_load
+from handler import quantize
+from handler.checkpoint import load_mrl_resnet50
+from handler.service import MRLService
+from handler.thresholds import OperatingPoints
+from tests.integration.server import running_server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def calibration_folder(tmp_path_factory, test_images):
+    root = tmp_path_factory.mktemp("calib")
+    for i, body in enumerate(test_images[:40]):
+        (root / str(i % 10)).mkdir(exist_ok=True)
+        (root / str(i % 10) / f"{i}.png").write_bytes(body)
+    return root
+
+
+def test_an_int8_archive_serves_its_quantized_backbone(tiny_checkpoint, calibration_folder, test_images, tmp_path):
+    with running_server(tmp_path, tiny_checkpoint, numerics="int8", int8_data=str(calibration_folder),
+                        batch_size=4, batch_delay=5, workers=1) as server:
+        log = (server.root / "logs" / "model_log.log").read_text(errors="replace")
+        assert "numerics int8, requested int8" in log
+        images = test_images[:24]
+        served = run_load(server.client(), images, concurrency=4, count=len(images), headers={"X-MRL-Dim": "2048"})
+        assert {r.status for r in served} == {200}
+        scrape = server.scrape()
+        assert 'mrl_numerics_info{' in scrape and 'numerics="int8"' in scrape
+    # The same program in process (quantize.build finds the one the archive builder made).
+    program = quantize.build(tiny_checkpoint, str(calibration_folder))
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
+                     batch_sizes=(1, 4))
+    local = [body for _, body in svc.handle([{"body": b} for b in images])]
+    assert [r.body["class_index"] for r in served] == [b["class_index"] for b in local]
+    np.testing.assert_allclose([r.body["confidence"] for r in served], [b["confidence"] for b in local], atol=2e-3)
