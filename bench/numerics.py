@@ -3,6 +3,7 @@ CPU has it, int8, auto), served by one TorchServe, measured in alternating phase
 each archive's cold start, from `torchserve --start` to the first answer, with a warm cache.
 
     python -m bench.numerics [--model demo] [--pairs 3] [--phase-s 12]   # docs/numerics_<model>.json
+    python -m bench.numerics --graphs [--model demo]   # in process, per graph mode: docs/graph_modes_<model>.json
 
 Per phase: saturation throughput with 8 clients and one client's p50. The report gives medians over
 the phases, each mode's ratio to fp32, what ``auto`` chose on this CPU (its worker's log line), and
@@ -23,6 +24,7 @@ from pathlib import Path
 from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, save_report, serve_phase
 from client.http import Client
 from handler.engine import bf16_supported, cpu_isa, isa_name
+from handler.quantize import Program
 from model_store.build_archive import archive
 from model_store.serve import read_keys, start, stop, wait_ready, write_config
 
@@ -42,16 +44,66 @@ def cold_start(tmp: Path, store: Path, name: str, body: bytes, env: dict) -> flo
         stop(tmp)
 
 
+def graph_modes(ckpt: Path, thresholds: Path, rounds: int = 5, calls: int = 20) -> dict:
+    """In process, the backbone and heads alone: each numerics in each graph mode at the serving
+    batch sizes 1 and 8, in alternating rounds; medians of img/s. int8: its torch.compile graph
+    against its AOTInductor package (the same program)."""
+    import torch
+
+    from handler import quantize
+    from handler.checkpoint import load_mrl_resnet50
+    from handler.engine import Engine, configure_threads
+    from handler.thresholds import numerics_sets
+
+    configure_threads()
+    model, card = load_mrl_resnet50(ckpt, numerics="fp32")
+    fit = numerics_sets(json.loads(thresholds.read_text()))["int8"]["meta"]["int8_program"]
+    program = quantize.build(ckpt, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
+    packaged = quantize.compile_package(program)
+    size, sizes = card.preprocessing.crop, (1, 8)
+    engines, start_s = {}, {}
+    for name, kw in (("fp32/jit", dict(numerics="fp32", graph="jit")),
+                     ("fp32/compile", dict(numerics="fp32", graph="compile")),
+                     ("int8/compile", dict(numerics="int8", int8_program=Program(program.path, program.meta))),
+                     ("int8/aoti", dict(numerics="int8", int8_program=packaged))):
+        t0 = time.perf_counter()
+        engines[name] = Engine(model, input_size=size, batch_sizes=sizes, **kw)
+        start_s[name] = time.perf_counter() - t0
+    out = {"start_s": start_s, "img_s": {}}
+    for b in sizes:
+        x = torch.randn(b, 3, size, size)
+        runs = {name: [] for name in engines}
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                times = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    engine(x)
+                    times.append(time.perf_counter() - t0)
+                runs[name].append(b / statistics.median(times))
+        out["img_s"][str(b)] = {name: statistics.median(v) for name, v in runs.items()}
+        print("batch", b, json.dumps(out["img_s"][str(b)]), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo", choices=tuple(BUNDLED))
     p.add_argument("--pairs", type=int, default=3, help="ABBA rounds of phases per mode")
     p.add_argument("--phase-s", type=float, default=12.0)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--graphs", action="store_true",
+                   help="instead: each numerics in each graph mode, in process (docs/graph_modes_<model>.json)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     folder, spec = BUNDLED[args.model]
     ckpt, thresholds = folder / "mrl_resnet50_fp16.pt", folder / "thresholds.json"
+    if args.graphs:
+        isa = cpu_isa()
+        report = {"machine": {**machine(), "isa": isa_name(isa)}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "command": "python -m bench.numerics " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "model": args.model, **graph_modes(ckpt, thresholds)}
+        return save_report(report, args.out or str(ROOT / "docs" / f"graph_modes_{args.model}.json"), report)
     modes = ["fp32", *(["bf16"] if bf16_supported(__import__("torch").device("cpu")) else []), "int8", "auto"]
     bodies = demo_inputs(spec=spec)
     isa = cpu_isa()

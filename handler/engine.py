@@ -6,7 +6,8 @@ handler/quantize.py with fp32 heads), the memory format (channels_last) and the 
 * ``eager``   plain PyTorch;
 * ``jit``     traced and frozen TorchScript (BN folded), any batch size; on CPU with oneDNN Graph
               fusion (conv + add + relu partitions; docs/benchmarks.md has its effect);
-* ``compile`` torch.compile with inductor freezing, compiled for each serving batch size at start.
+* ``compile`` torch.compile with inductor freezing, compiled for each serving batch size at start;
+* ``aoti``    int8 only: the quantized backbone compiled ahead of time (AOTInductor), loaded.
 
 The same code runs on CUDA when given a CUDA device. Calibration and evaluation use ``Engine``
 too, so thresholds are fit with the numerics that serve.
@@ -177,7 +178,7 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if numerics == "int8":
-                module = self._compile_int8(model, int8_program)
+                module = self._int8_module(model, int8_program)
             elif graph == "jit":
                 # A process-wide switch, read when the profiling executor optimizes the graph
                 # (during warm-up below); one Engine per worker process, so setting it is safe.
@@ -204,10 +205,16 @@ class Engine:
         # Where a worker's start goes (logged by the TorchServe handler; bench/recovery.py reads it).
         self.timings = {"graph_s": t1 - t0, "warm_up_s": time.perf_counter() - t1}
 
-    @staticmethod
-    def _compile_int8(model: MRLResNet50, program) -> nn.Module:
-        from handler.quantize import load_backbone
+    def _int8_module(self, model: MRLResNet50, program) -> nn.Module:
+        """The program's AOTInductor package where it was compiled for this CPU (loads in about a
+        second), else the program under torch.compile (two compiles at every start)."""
+        from handler.quantize import load_backbone, load_package, usable_package
         import torch._inductor.config as inductor_config
+
+        package = usable_package(program)
+        if package is not None:
+            self.graph = "aoti"
+            return _QuantizedServing(load_package(package), model.fc.float().eval())
 
         # Inductor keeps its cache in its own place (TORCHINDUCTOR_CACHE_DIR, default
         # /tmp/torchinductor_<user>); measured, a start with it warm compiles as long as a cold one.

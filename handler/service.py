@@ -103,7 +103,7 @@ class MRLService:
         if mode == "int8":
             from handler.quantize import open_program
 
-            program = open_program(program_file)
+            program = open_program(program_file, model_dir / "int8_aoti.pt2")
         if doc is not None:
             # A set fit in the mode that serves; a bf16 card served in fp32 on a CPU without bf16
             # may also use a one-set file fit in bf16 (the files from before sets per mode).

@@ -72,6 +72,10 @@ def build(args: argparse.Namespace) -> Path:
         print(f"warning: no thresholds given; {args.name} will answer every request at "
               f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)
     program = int8_program(args, ckpt)
+    if program is not None and args.int8_package:
+        from handler import quantize
+
+        program = quantize.compile_package(program)
     out = Path(args.export_path).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +106,10 @@ def build(args: argparse.Namespace) -> Path:
             shutil.copy(program.path, stage / "int8.pt2")
             shutil.copy(program.path.with_suffix(".json"), stage / "int8.json")
             extra += [str(stage / "int8.pt2"), str(stage / "int8.json")]
+            if program.package is not None:  # compiled for this kind of CPU: workers load, not compile
+                shutil.copy(program.package, stage / "int8_aoti.pt2")
+                shutil.copy(program.package.with_suffix(".json"), stage / "int8_aoti.json")
+                extra += [str(stage / "int8_aoti.pt2"), str(stage / "int8_aoti.json")]
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", args.name, "--version", args.version,
                "--serialized-file", str(stage / "checkpoint.pt"),
                "--handler", str(ROOT / "handler" / "ts_handler.py"),
@@ -110,7 +118,7 @@ def build(args: argparse.Namespace) -> Path:
         subprocess.run(cmd, check=True, cwd=stage)
     mar = out / f"{args.name}.mar"
     print(f"built {mar} ({mar.stat().st_size / 2**20:.1f} MiB): {card.name}, {len(card.classes)} classes, "
-          f"card {card.numerics}, numerics={args.numerics}{' (int8 backbone included)' if program else ''}, "
+          f"card {card.numerics}, numerics={args.numerics}{' (int8 backbone included' + (', compiled' if program.package else '') + ')' if program else ''}, "
           f"graph={args.graph}, batch {args.batch_size} / {args.batch_delay} ms")
     return mar
 
@@ -156,7 +164,7 @@ def archive(checkpoint: str | Path, export_path: str | Path, **options) -> Path:
     channels_last=False``; None leaves an option at its default): one way to build an archive for
     the benchmarks and the tests."""
     argv = ["--checkpoint", str(checkpoint), "--export-path", str(export_path)]
-    negated = {"channels_last", "jpeg_draft", "onednn_fusion", "graph_cache"}  # flags that only turn a default off
+    negated = {"channels_last", "jpeg_draft", "onednn_fusion", "graph_cache", "int8_package"}  # flags that only turn a default off
     for key, value in options.items():
         if value is None or (key in negated and value):
             continue
@@ -181,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what the workers serve: the card's, a mode, or auto (the fastest mode this CPU runs "
                         "natively that has a thresholds set; int8 only if that set passed parity)")
     p.add_argument("--int8-data", default=None, help="int8 without an int8 thresholds set: calibration images")
+    p.add_argument("--no-int8-package", dest="int8_package", action="store_false",
+                   help="int8: leave out the ahead-of-time compiled backbone (workers then torch.compile it "
+                        "at every start); the package is compiled for this kind of CPU")
     p.add_argument("--workers", type=int, default=2,
                    help="workers for this model, sharing the cores (default 2: measured against 1 in "
                         "docs/reliability.md, a killed worker then costs its in-flight batch, not 8 s)")

@@ -1,6 +1,6 @@
-"""int8 in a real TorchServe: an archive built with --numerics int8 carries the quantized backbone,
-its worker compiles and serves it, says so (log line and mrl_numerics_info), and answers exactly as
-the same program does in process."""
+"""int8 in a real TorchServe: an archive built with --numerics int8 carries the quantized backbone and
+its AOTInductor package; its worker loads the package, says so (log lines and mrl_numerics_info),
+and answers as the same program does in process under torch.compile."""
 import numpy as np
 import pytest
 
@@ -28,6 +28,7 @@ def test_an_int8_archive_serves_its_quantized_backbone(tiny_checkpoint, calibrat
                         batch_size=4, batch_delay=5, workers=1) as server:
         log = (server.root / "logs" / "model_log.log").read_text(errors="replace")
         assert "numerics int8, requested int8" in log
+        assert "graph=aoti numerics=int8" in log  # the package, not a compile at start
         images = test_images[:24]
         served = run_load(server.client(), images, concurrency=4, count=len(images), headers={"X-MRL-Dim": "2048"})
         assert {r.status for r in served} == {200}
