@@ -8,6 +8,7 @@ A bad item fails alone with its own 4xx; the others in the batch are answered no
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -86,8 +87,6 @@ class MRLService:
         ``numerics``: 'card', a mode, or 'auto' (``handler.engine.choose_numerics``); int8 runs the
         quantized backbone ``int8.pt2`` of the folder (handler/quantize.py) and needs a thresholds
         set fit on exactly that program."""
-        import json
-
         model_dir = Path(model_dir)
         ckpt = model_dir / "checkpoint.pt"
         model, card = load_mrl_resnet50(ckpt)
