@@ -7,7 +7,8 @@ Every figure comes from this one run on this machine: medians and ratios, with t
 Modes:
   baseline  the usual recipe: eager fp32 NCHW, full JPEG decode, glibc malloc defaults;
   fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, malloc settings;
-  bf16      the same with bf16 autocast (what the demo card serves).
+  bf16      the same with bf16 autocast (what the demo card serves);
+  int8      the backbone quantized (PT2E, handler/quantize.py) and compiled ahead of time, fp32 heads.
 Models: "imagenet" (official layout, random weights, 1000 classes, 224x224 JPEG requests), and the
 bundled checkpoints with PNG requests from their test specs: "demo" (Fashion-MNIST, 28x28,
 fashion-mnist:test) and "han1000" (1000 Han characters, 32x32, han1000:test). A mode whose
@@ -36,7 +37,7 @@ from handler.checkpoint import ModelCard, imagenet_classes, load_mrl_resnet50, o
 from handler.model import mrl_resnet50
 from handler.engine import configure_threads, cpu_isa, isa_name, resolve_numerics
 from handler.service import MRLService
-from handler.thresholds import OperatingPoints
+from handler.thresholds import OperatingPoints, numerics_sets
 from model_store.build_archive import archive
 from model_store.serve import read_keys, start, stop, write_config
 
@@ -52,6 +53,8 @@ MODES = {
     "baseline": dict(numerics="fp32", graph="eager", channels_last=False, jpeg_draft=False, malloc=False),
     "fp32": dict(numerics="fp32", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
     "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
+    # int8: the PT2E-quantized backbone as an AOTInductor package (handler/quantize.py), fp32 heads.
+    "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
 }
 
 
@@ -146,11 +149,36 @@ def make_checkpoints(tmp: Path) -> dict[str, dict[str, Path]]:
     return paths
 
 
-def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int) -> dict:
+def calibration_folder(tmp: Path, model: str, bodies: list[bytes]) -> str:
+    """The benchmark's own request images as a one-class folder: calibration for a model that has
+    no int8 thresholds set (the ImageNet-size one, random weights: only its speed is measured)."""
+    folder = tmp / f"calib-{model}" / "0"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, body in enumerate(bodies):
+        (folder / f"{i}.img").write_bytes(body)
+    return str(folder.parent)
+
+
+def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None):
+    """The int8 program (with its package) a server of ``ckpt`` runs: the one its thresholds' int8
+    set was fit on, else one calibrated on ``calibration``."""
+    from handler import quantize
+    from handler.thresholds import numerics_sets
+
+    fit = {}
+    if thresholds is not None:
+        fit = numerics_sets(json.loads(thresholds.read_text())).get("int8", {}).get("meta", {}).get("int8_program", {})
+    program = (quantize.build(ckpt, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"]) if fit
+               else quantize.build(ckpt, calibration))
+    return quantize.compile_package(program)
+
+
+def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int, int8_program=None) -> dict:
     """In-process: decode + preprocess + backbone + cascade per batch, and the backbone alone."""
-    model, card = load_mrl_resnet50(ckpt)
+    model, card = load_mrl_resnet50(ckpt, numerics="fp32" if mode["numerics"] == "int8" else None)
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), graph=mode["graph"],
-                     batch_sizes=batch_sizes, channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"])
+                     batch_sizes=batch_sizes, channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"],
+                     numerics="int8" if mode["numerics"] == "int8" else None, int8_program=int8_program)
     out = {}
     for b in batch_sizes:
         items = [{"body": bodies[i % len(bodies)]} for i in range(b)]
@@ -164,12 +192,14 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
 
 
 def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, batch_size: int,
-                 batch_delay: int) -> float:
+                 batch_delay: int, int8_data: str | None = None) -> float:
     """Archive, start TorchServe with the mode's environment; seconds from --start to READY."""
     store = tmp / "store"
     store.mkdir(exist_ok=True)
+    int8 = mode["numerics"] == "int8"
     archive(ckpt, store, graph=mode["graph"], batch_size=batch_size, batch_delay=batch_delay, workers=1,
-            channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds)
+            channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds,
+            numerics="int8" if int8 else None, int8_data=int8_data if int8 and thresholds is None else None)
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     if mode["malloc"]:
         env.update(MALLOC_ENV)
@@ -191,10 +221,10 @@ def serve_phase(tmp: Path, bodies: list[bytes], concurrency: int, duration: floa
 
 
 def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, thresholds=None,
-                cascade_check: bool = False) -> dict:
+                cascade_check: bool = False, int8_data: str | None = None) -> dict:
     stop(tmp)
     try:  # a server that never gets READY is stopped too
-        ready = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay)
+        ready = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay, int8_data)
         t0 = time.perf_counter()
         client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
         first = client.predict(bodies[0])
@@ -250,14 +280,20 @@ def main(argv: list[str] | None = None) -> dict:
                     report.setdefault("skipped", []).append(f"{model}/{mode_name}: this CPU has no bf16 support")
                     print(model, mode_name, "skipped: no bf16 on this CPU", flush=True)
                     continue
-                ckpt = ckpts[model][mode["numerics"]]
-                res = {"raw": raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat)}
-                print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
+                int8 = mode["numerics"] == "int8"
+                shipped = BUNDLED[model][0] / "mrl_resnet50_fp16.pt" if model in BUNDLED else None
+                ckpt = (shipped or ckpts[model]["fp32"]) if int8 else ckpts[model][mode["numerics"]]
                 thr = None
-                if model in BUNDLED and ckpt == BUNDLED[model][0] / "mrl_resnet50_fp16.pt" and mode_name != "baseline":
+                if shipped is not None and ckpt == shipped and mode_name != "baseline":
                     thr = BUNDLED[model][0] / "thresholds.json"  # fit on this very file, with its numerics
+                if int8 and thr is not None and "int8" not in numerics_sets(json.loads(thr.read_text())):
+                    thr = None  # no int8 set: served at fixed 2048 on a backbone calibrated on its test inputs
+                calib = calibration_folder(tmp, model, inputs[model]) if int8 and thr is None else None
+                program = int8_for(ckpt, calib, thr) if int8 else None
+                res = {"raw": raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)}
+                print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
                 res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,
-                                            cascade_check=thr is not None)
+                                            cascade_check=thr is not None, int8_data=calib)
                 print(model, mode_name, "server", json.dumps(res["server"]), flush=True)
                 report["results"][f"{model}/{mode_name}"] = res
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

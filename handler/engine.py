@@ -87,10 +87,11 @@ def isa_name(isa: dict[str, bool]) -> str:
     return "amx" if isa["amx"] else "avx512_bf16" if isa["avx512_bf16"] else "vnni" if isa["vnni"] else "avx2"
 
 
-# ``auto``'s preference per CPU class, fastest first (docs/benchmarks.md has the measurements):
-# AMX: int8 188 > bf16 131 > fp32 img/s for the ResNet50 backbone (../shared/NOTES.md); AVX512-BF16
-# without AMX: bf16 matmuls run at half the fp32 rate at 224x224, VNNI int8 is the fast path; AVX2:
-# int8 with 7-bit activations against fp32, measured here (bench.run int8 rows).
+# ``auto``'s preference per CPU class, fastest first. AMX: int8 188 > bf16 131 img/s > fp32 for the
+# ResNet50 backbone at 224x224 (a probe on an AMX Xeon, ../shared/NOTES.md); AVX512-BF16 without
+# AMX: bf16 matmuls ran at half the fp32 rate at 224x224 (docs/benchmarks.md), so int8 (VNNI), then
+# fp32; AVX2: int8 with 7-bit activations 559 against fp32 305 img/s at batch 8 on the demo
+# (docs/graph_modes_demo.json) and 1.54x at the server (docs/numerics_demo.json).
 AUTO_ORDER = {"amx": ("int8", "bf16", "fp32"), "avx512_bf16": ("int8", "fp32", "bf16"),
               "vnni": ("int8", "fp32"), "avx2": ("int8", "fp32")}
 REQUESTS = ("card", "fp32", "bf16", "int8", "auto")
