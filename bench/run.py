@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", default=",".join(["imagenet", *BUNDLED]))
-    p.add_argument("--modes", default="baseline,fp32,bf16")
+    p.add_argument("--modes", default="baseline,fp32,bf16,int8")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
