@@ -7,6 +7,8 @@ DEMO_THRESHOLDS ?= model_store/fashion_mnist/thresholds.json
 CHECKPOINT ?= $(DEMO_CKPT)
 THRESHOLDS ?= $(if $(filter $(CHECKPOINT),$(DEMO_CKPT)),$(DEMO_THRESHOLDS),)
 GRAPH ?= jit
+# What the workers serve: card (the card's numerics), fp32, bf16, int8 or auto (README, "Numerics").
+NUMERICS ?= card
 # make serve REPLICAS=3: that many TorchServe instances behind an HAProxy gateway with API keys.
 REPLICAS ?= 1
 # glibc malloc: keep freed activations mapped instead of returning them to the OS between batches
@@ -19,6 +21,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 help:
 	@echo "make setup     install the Debian packages of setup/debian-packages.txt (every target runs it)"
 	@echo "make serve     build the demo archive, start TorchServe, print a ready curl"
+	@echo "make serve NUMERICS=auto   the fastest numerics this CPU runs that passed parity (int8 where it did)"
 	@echo "make serve REPLICAS=3   that many TorchServe instances behind HAProxy (API keys at the gateway)"
 	@echo "make stop      stop TorchServe (every replica and the gateway too)"
 	@echo "make token     print a fresh inference key for the running server (keys expire after 60 min)"
@@ -43,7 +46,7 @@ env: setup $(VENV)/.installed
 
 archive: env
 	$(PY) model_store/build_archive.py --checkpoint $(CHECKPOINT) \
-		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH)
+		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH) --numerics $(NUMERICS)
 
 # The second bundled model: 1000 printed Han characters (model_store/han1000, README). Its
 # checkpoint is trained here (about 4.4 h) and not carried by git; without it there is no archive.
@@ -51,7 +54,7 @@ HAN1000 := model_store/han1000
 archive-han1000: env
 	@if [ -f $(HAN1000)/mrl_resnet50_fp16.pt ]; then \
 		$(PY) model_store/build_archive.py --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt \
-			--thresholds $(HAN1000)/thresholds.json --name han1000 --graph $(GRAPH); \
+			--thresholds $(HAN1000)/thresholds.json --name han1000 --graph $(GRAPH) --numerics $(NUMERICS); \
 	else \
 		rm -f model_store/han1000.mar; \
 		echo "han1000: no $(HAN1000)/mrl_resnet50_fp16.pt, so only the demo model is served;"; \
