@@ -53,12 +53,12 @@ def graph_modes(ckpt: Path, thresholds: Path, rounds: int = 5, calls: int = 20) 
     from handler import quantize
     from handler.checkpoint import load_mrl_resnet50
     from handler.engine import Engine, configure_threads
-    from handler.thresholds import numerics_sets
 
     configure_threads()
     model, card = load_mrl_resnet50(ckpt, numerics="fp32")
-    fit = numerics_sets(json.loads(thresholds.read_text()))["int8"]["meta"]["int8_program"]
-    program = quantize.build(ckpt, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
+    program = quantize.for_thresholds(ckpt, thresholds)
+    if program is None:
+        raise SystemExit(f"{thresholds} has no int8 set: fit_thresholds.py --numerics int8 --add")
     packaged = quantize.compile_package(program)
     size, sizes = card.preprocessing.crop, (1, 8)
     engines, start_s = {}, {}

@@ -68,10 +68,10 @@ def int8_parity(args, cache) -> dict:
     if "int8" not in sets or "fp32" not in sets:
         raise SystemExit(f"{args.thresholds} holds sets for {sorted(sets)}: fit the missing ones with "
                          "calibration/fit_thresholds.py --numerics int8 (and fp32) --add")
-    fit = sets["int8"]["meta"]["int8_program"]
-    program = quantize.build(args.checkpoint, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
-    if program.fingerprint != fit["fingerprint"]:
-        raise SystemExit(f"the int8 set was fit on backbone {fit['fingerprint']}, this machine built {program.fingerprint}")
+    try:
+        program = quantize.for_thresholds(args.checkpoint, args.thresholds)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
     int8 = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=cache)
     load = lambda mode: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731

@@ -163,14 +163,9 @@ def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None):
     """The int8 program (with its package) a server of ``ckpt`` runs: the one its thresholds' int8
     set was fit on, else one calibrated on ``calibration``."""
     from handler import quantize
-    from handler.thresholds import numerics_sets
 
-    fit = {}
-    if thresholds is not None:
-        fit = numerics_sets(json.loads(thresholds.read_text())).get("int8", {}).get("meta", {}).get("int8_program", {})
-    program = (quantize.build(ckpt, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"]) if fit
-               else quantize.build(ckpt, calibration))
-    return quantize.compile_package(program)
+    program = quantize.for_thresholds(ckpt, thresholds) if thresholds is not None else None
+    return quantize.compile_package(program or quantize.build(ckpt, calibration))
 
 
 def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int, int8_program=None) -> dict:

@@ -153,7 +153,8 @@ class Engine:
         CPU). For calibrating a bf16 set of thresholds on such a machine, never for serving.
 
         ``numerics='int8'`` needs ``int8_program`` (a ``handler.quantize.Program``): the quantized
-        backbone runs under torch.compile with inductor freezing whatever ``graph`` says."""
+        backbone runs as its AOTInductor package where it has one for this CPU (graph 'aoti'), else
+        under torch.compile with inductor freezing (graph 'compile'), whatever ``graph`` says."""
         if numerics not in ("fp32", "bf16", "int8"):
             raise ValueError(f"numerics must be 'fp32', 'bf16' or 'int8', got {numerics!r}")
         if numerics == "int8":
@@ -162,7 +163,6 @@ class Engine:
             if torch.device(device).type != "cpu":
                 raise ValueError("numerics 'int8' runs on CPU (X86InductorQuantizer)")
             graph = "compile"
-        self.int8_program = int8_program
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph must be one of {GRAPH_MODES}, got {graph!r}")
         self.device = torch.device(device)
@@ -215,12 +215,11 @@ class Engine:
         package = usable_package(program)
         if package is not None:
             self.graph = "aoti"
-            return _QuantizedServing(load_package(package), model.fc.float().eval())
+            return _QuantizedServing(load_package(program, package), model.fc.float().eval())
 
-        # Inductor keeps its cache in its own place (TORCHINDUCTOR_CACHE_DIR, default
-        # /tmp/torchinductor_<user>); measured, a start with it warm compiles as long as a cold one.
+        # Measured: a start with inductor's cache warm compiles as long as a cold one (the package
+        # above is the remedy).
         inductor_config.freezing = True
-        inductor_config.fx_graph_cache = True
         # No .eval() on the wrapper: an exported module refuses train(); it holds no BN or dropout.
         module = _QuantizedServing(load_backbone(program), model.fc.float().eval())
         # Dynamic batch: one graph for batch 1 (specialized) and one for every other size.

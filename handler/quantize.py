@@ -12,8 +12,9 @@ torch.compile and inductor freezing (``Engine``).
 
 Activations are quantized to 7 bits (``reduce_range``) on CPUs without VNNI: there oneDNN's int8
 kernels multiply u8 x s8 pairs into saturating int16 sums, and the 8-bit range measurably loses
-accuracy (on the demo model, 2,000 Fashion-MNIST test images, AVX2: 95.3 % of 2048-d answers agreed
-with fp32 at 8 bits, 99.65 % at 7). A program built with the 8-bit range is refused on such a CPU.
+accuracy (a probe outside the project's commands, on the demo model, 2,000 Fashion-MNIST test
+images, AVX2: 95.3 % of 2048-d answers agreed with fp32 at 8 bits, 99.65 % at 7; torchao's own
+docstring gives the same advice). A program built with the 8-bit range is refused on such a CPU.
 """
 from __future__ import annotations
 
@@ -177,6 +178,24 @@ def build(checkpoint: str | Path, spec: str, *, images: int = CALIBRATION_IMAGES
     return Program(path, meta)
 
 
+def for_thresholds(checkpoint: str | Path, thresholds: str | Path) -> Program | None:
+    """The program the int8 set of a thresholds file was fit on, rebuilt here from the set's record
+    (or found in the cache); None when the file has no int8 set. A rebuild that computes another
+    program (another kind of CPU rounds the calibration pass's floats differently, so the scales
+    differ) is refused: the set does not describe it."""
+    from handler.thresholds import numerics_sets
+
+    fit = numerics_sets(json.loads(Path(thresholds).read_text())).get("int8", {}).get("meta", {}).get("int8_program")
+    if not fit:
+        return None
+    program = build(checkpoint, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
+    if program.fingerprint != fit["fingerprint"]:
+        raise ValueError(f"the int8 set of {thresholds} was fit on quantized backbone {fit['fingerprint'][:16]}, "
+                         f"this machine builds {program.fingerprint[:16]} from the same record: refit it here "
+                         "(calibration/fit_thresholds.py --numerics int8 --add)")
+    return program
+
+
 def open_program(path: str | Path, package: str | Path | None = None) -> Program:
     """A program file and the meta beside it (``backbone.json``), checked against each other;
     ``package``: its AOTInductor package, if any (checked for this CPU when loaded)."""
@@ -189,12 +208,16 @@ def open_program(path: str | Path, package: str | Path | None = None) -> Program
     return Program(path, meta, Path(package) if package and Path(package).exists() else None)
 
 
-def load_backbone(program: Program) -> torch.nn.Module:
-    """The quantized backbone as a module, refused where its activation range would saturate."""
-    _torchao()
+def _check_range(program: Program) -> None:
     if not program.meta.get("reduce_range") and not cpu_has_vnni():
         raise ValueError(f"{program.path} quantizes activations to 8 bits, which saturates on a CPU "
                          "without VNNI; rebuild it here (python -m handler.quantize) or serve another numerics")
+
+
+def load_backbone(program: Program) -> torch.nn.Module:
+    """The quantized backbone as a module, refused where its activation range would saturate."""
+    _torchao()
+    _check_range(program)
     return torch.export.load(str(program.path)).module()
 
 
@@ -208,9 +231,9 @@ def package_key(program: Program) -> dict:
 
 def compile_package(program: Program, cache: Path = CACHE) -> Program:
     """``program`` with its AOTInductor package, compiled here (about a minute for a ResNet50 on two
-    cores) or found in the cache. A worker loads a package in about a second, where torch.compile
-    takes two compiles of 11-25 s at every start; same numbers (measured: 3e-7 apart in
-    probability) and faster (docs/numerics_demo.json)."""
+    cores) or found in the cache. A worker loads a package in well under a second where
+    torch.compile spends about 40 s at every start, and it runs faster (docs/graph_modes_demo.json);
+    the served package answers as the compiled program does (tests/integration/test_int8.py)."""
     key = package_key(program)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache) / f"aoti-{name}.pt2"
@@ -243,8 +266,10 @@ def usable_package(program: Program) -> Path | None:
     return program.package
 
 
-def load_package(path: Path):
+def load_package(program: Program, path: Path):
+    """The program's compiled package, loaded; refused where its activation range would saturate."""
     _torchao()
+    _check_range(program)
     return torch._inductor.aoti_load_package(str(path))
 
 

@@ -131,32 +131,21 @@ def int8_program(args: argparse.Namespace, ckpt: Path):
         return None
     from handler import quantize
 
-    fit = {}
-    if args.thresholds:
-        sets = numerics_sets(json.loads(Path(args.thresholds).read_text()))
-        fit = sets.get("int8", {}).get("meta", {}).get("int8_program", {})
-    if not fit:
-        if args.numerics == "auto":
-            return None  # no int8 set: auto chooses among the float modes
-        if args.thresholds:
-            raise SystemExit(f"--numerics int8: {args.thresholds} has no int8 set; fit one with "
-                             "calibration/fit_thresholds.py --numerics int8 --add")
-        if not args.int8_data:
-            raise SystemExit("--numerics int8 without thresholds needs --int8-data (calibration images)")
-        return quantize.build(ckpt, args.int8_data)
-    program = quantize.build(ckpt, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
-    if program.fingerprint != fit["fingerprint"] and args.numerics == "auto":
-        # Another CPU computes the calibration pass's floats a little differently, so the scales
-        # differ: the int8 set does not describe this program, and auto serves a float mode.
-        print(f"warning: the thresholds' int8 set was fit on quantized backbone {fit['fingerprint'][:12]}, "
-              f"this machine builds {program.fingerprint[:12]}: auto leaves int8 out; refit here "
-              "(fit_thresholds.py --numerics int8 --add) to let it choose int8", file=sys.stderr)
+    try:
+        program = quantize.for_thresholds(ckpt, args.thresholds) if args.thresholds else None
+    except ValueError as exc:
+        if args.numerics == "int8":
+            raise SystemExit(str(exc))
+        print(f"warning: {exc}; auto leaves int8 out of this archive", file=sys.stderr)
         return None
-    if program.fingerprint != fit["fingerprint"]:
-        raise SystemExit(f"the thresholds' int8 set was fit on quantized backbone {fit['fingerprint']}, but "
-                         f"{program.path} (built here from the same record) is {program.fingerprint}: "
-                         "refit it here (--numerics int8 --add)")
-    return program
+    if program is not None or args.numerics == "auto":
+        return program  # auto without an int8 set chooses among the float modes
+    if args.thresholds:
+        raise SystemExit(f"--numerics int8: {args.thresholds} has no int8 set; fit one with "
+                         "calibration/fit_thresholds.py --numerics int8 --add")
+    if not args.int8_data:
+        raise SystemExit("--numerics int8 without thresholds needs --int8-data (calibration images)")
+    return quantize.build(ckpt, args.int8_data)
 
 
 def archive(checkpoint: str | Path, export_path: str | Path, **options) -> Path:
