@@ -1,6 +1,6 @@
 """Turn bench/run.py's JSON into docs/benchmarks.md tables and a plot.
 
-    python -m bench.report docs/benchmarks.json      # writes docs/benchmarks_tables.md and .png
+    python -m bench.report docs/benchmarks.json      # writes docs/benchmarks_tables.md and benchmarks.png
 """
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ import sys
 from pathlib import Path
 
 
+def _saturation(srv: dict) -> dict:
+    return max((v for k, v in srv.items() if k.startswith("c") and k[1:].isdigit()), key=lambda v: v["img_s"])
+
+
+def machine_line(m: dict) -> str:
+    flags = ", ".join(f"{f}={m[f]}" for f in ("avx2", "vnni", "avx512_bf16", "amx") if f in m)
+    busy = f", {m['busy_before']:.0%} of the cores busy before the run" if "busy_before" in m else ""
+    return f"Machine: {m['cpu']}, {m['cores']} cores, ISA {m.get('isa', '?')} ({flags}), torch {m['torch']}{busy}."
+
+
 def tables(report: dict) -> str:
     m, peak = report["machine"], report["peak_gflops"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, avx512_bf16={m['avx512_bf16']}, "
-             f"amx={m['amx']}. Run {report['date']} with `{report['command']}`.",
+    lines = [machine_line(m) + f" Run {report['date']} with `{report['command']}`.",
              f"Measured matmul peak (best run over {report.get('peak_sizes', [2048])} square matmuls): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
              + (f"{peak['bf16']:.0f} GFLOP/s." if peak['bf16'] else "not measured (no bf16 on this CPU)."),
              f"Server: batchSize {report['settings']['batch_size']}, maxBatchDelay "
@@ -23,13 +32,14 @@ def tables(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for key, res in report["results"].items():
         raw, srv = res["raw"], res["server"]
-        numerics = "bf16" if key.endswith("bf16") else "fp32"
-        sat = max((v for k, v in srv.items() if k.startswith("c") and k[1:].isdigit()),
-                  key=lambda v: v["img_s"])
+        numerics = res.get("auto", {}).get("chose") or {"baseline": "fp32"}.get(key.rsplit("/", 1)[1], key.rsplit("/", 1)[1])
+        sat = _saturation(srv)
         gf = raw[bs]["backbone_gflops"]
+        share = f" ({gf / peak[numerics]:.0%})" if peak.get(numerics) else ""  # int8 has no measured peak
+        name = f"{key} ({res['auto']['chose']})" if "auto" in res else key
         lines.append(
-            f"| {key} | {raw['1']['pipeline_img_s']:.1f} | {raw[bs]['pipeline_img_s']:.1f} | {gf:.0f} "
-            f"({gf / report['peak_gflops'][numerics]:.0%}) | {sat['img_s']:.1f} (c={sat['concurrency']}) | "
+            f"| {name} | {raw['1']['pipeline_img_s']:.1f} | {raw[bs]['pipeline_img_s']:.1f} | {gf:.0f}{share} "
+            f"| {sat['img_s']:.1f} (c={sat['concurrency']}) | "
             f"{sat['img_s'] / raw[bs]['pipeline_img_s']:.2f} | {srv['one_client']['p50_ms']:.1f} | "
             f"{raw['1']['pipeline_ms_per_batch']:.1f} | {srv['first_answer_s']:.1f} |")
     if report.get("skipped"):
@@ -50,7 +60,36 @@ def tables(report: dict) -> str:
             pairs = f" (medians of {len(c['runs'])} alternating pairs)" if "runs" in c else ""
             lines += ["", f"Cascade overhead ({key}, c={c['concurrency']}): cascade {c['img_s']:.1f} img/s vs fixed "
                       f"2048-d head {f['img_s']:.1f} img/s{pairs}: overhead {1 - c['img_s'] / f['img_s']:+.1%}."]
+    lines += ["", "Ratios within this run:", ""] + [f"- {r}" for r in ratios(report)]
     return "\n".join(lines) + "\n"
+
+
+def ratios(report: dict) -> list[str]:
+    """The figures the performance issue's acceptance reads, computed from this run's results."""
+    res, out = report["results"], []
+    models = list(dict.fromkeys(k.split("/")[0] for k in res))
+    for model in models:
+        rows = {k.split("/")[1]: v for k, v in res.items() if k.startswith(model + "/")}
+        sat = {mode: _saturation(v["server"])["img_s"] for mode, v in rows.items()}
+        if "baseline" in sat:
+            out.append(f"{model}: server at saturation against the baseline recipe's: " + ", ".join(
+                f"{mode} {x / sat['baseline']:.2f}x" for mode, x in sat.items() if mode != "baseline"))
+        if "auto" in sat and "fp32" in sat:
+            out.append(f"{model}: auto chose {rows['auto']['auto']['chose']} ({rows['auto']['auto']['why']}): "
+                       f"server {sat['auto']:.1f} img/s, {sat['auto'] / sat['fp32']:.2f}x fp32's {sat['fp32']:.1f}")
+        best = max((mode for mode in sat if mode not in ("baseline", "auto")), key=sat.get, default=None)
+        if best is not None:
+            r = rows[best]
+            raw_best = max(v["pipeline_img_s"] for v in r["raw"].values())
+            lat = r["server"]["one_client"]["p50_ms"] - r["raw"]["1"]["pipeline_ms_per_batch"]
+            out.append(f"{model}: best mode {best}: server {sat[best]:.1f} img/s = {sat[best] / raw_best:.2f}x its best raw "
+                       f"pipeline ({raw_best:.1f} img/s over the serving batch sizes); one client p50 "
+                       f"{r['server']['one_client']['p50_ms']:.1f} ms = raw batch-1 {r['raw']['1']['pipeline_ms_per_batch']:.1f} ms {lat:+.1f} ms")
+    cold = {k: v["server"]["first_answer_s"] for k, v in res.items()}
+    if cold:
+        worst = max(cold, key=cold.get)
+        out.append(f"cold start, `torchserve --start` to the first answer: at most {cold[worst]:.1f} s ({worst})")
+    return out
 
 
 def _conc_keys(report: dict) -> list[str]:
@@ -89,6 +128,6 @@ def plot(report: dict, png: Path) -> None:
 if __name__ == "__main__":
     src = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks.json")
     rep = json.loads(src.read_text())
-    src.with_name("benchmarks_tables.md").write_text(tables(rep))
-    plot(rep, src.with_name("benchmarks.png"))
+    src.with_name(src.stem + "_tables.md").write_text(tables(rep))
+    plot(rep, src.with_suffix(".png"))
     print(tables(rep))

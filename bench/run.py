@@ -8,7 +8,10 @@ Modes:
   baseline  the usual recipe: eager fp32 NCHW, full JPEG decode, glibc malloc defaults;
   fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, malloc settings;
   bf16      the same with bf16 autocast (what the demo card serves);
-  int8      the backbone quantized (PT2E, handler/quantize.py) and compiled ahead of time, fp32 heads.
+  int8      the backbone quantized (PT2E, handler/quantize.py) and compiled ahead of time, fp32 heads;
+  auto      bundled models only: the archive built with numerics auto, which serves the fastest
+            mode this CPU runs natively whose thresholds set passed parity (handler/engine.py,
+            choose_numerics); the report names what it chose and why.
 Models: "imagenet" (official layout, random weights, 1000 classes, 224x224 JPEG requests), and the
 bundled checkpoints with PNG requests from their test specs: "demo" (Fashion-MNIST, 28x28,
 fashion-mnist:test) and "han1000" (1000 Han characters, 32x32, han1000:test). A mode whose
@@ -35,7 +38,7 @@ from PIL import Image
 from client.http import Client, run_load
 from handler.checkpoint import ModelCard, imagenet_classes, load_mrl_resnet50, official_card, save_checkpoint
 from handler.model import mrl_resnet50
-from handler.engine import configure_threads, cpu_isa, isa_name, resolve_numerics
+from handler.engine import choose_numerics, configure_threads, cpu_isa, isa_name, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints, numerics_sets
 from model_store.build_archive import archive
@@ -55,6 +58,8 @@ MODES = {
     "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
     # int8: the PT2E-quantized backbone as an AOTInductor package (handler/quantize.py), fp32 heads.
     "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
+    # auto: resolved per model to one of the above before it runs (auto_mode); its archive says auto.
+    "auto": dict(numerics="auto", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
 }
 
 
@@ -63,6 +68,17 @@ def machine() -> dict:
     isa = cpu_isa()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": str(torch.__version__),
             "python": platform.python_version(), **isa, "isa": isa_name(isa)}
+
+
+def cpu_busy(seconds: float = 3.0) -> float:
+    """Share of all cores busy over ``seconds`` (from /proc/stat), taken before a run starts: a
+    quiet machine reads near 0; the report states it."""
+    def sample():
+        f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(f), f[3] + f[4]  # total, idle + iowait
+    (t0, i0), _ = sample(), time.sleep(seconds)
+    t1, i1 = sample()
+    return round(1 - (i1 - i0) / max(t1 - t0, 1), 3)
 
 
 def save_report(report: dict, out: str | Path, headline: dict) -> dict:
@@ -173,7 +189,7 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
     model, card = load_mrl_resnet50(ckpt, numerics="fp32" if mode["numerics"] == "int8" else None)
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), graph=mode["graph"],
                      batch_sizes=batch_sizes, channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"],
-                     numerics="int8" if mode["numerics"] == "int8" else None, int8_program=int8_program)
+                     numerics=mode["numerics"], int8_program=int8_program)
     out = {}
     for b in batch_sizes:
         items = [{"body": bodies[i % len(bodies)]} for i in range(b)]
@@ -192,9 +208,10 @@ def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, bat
     store = tmp / "store"
     store.mkdir(exist_ok=True)
     int8 = mode["numerics"] == "int8"
+    served = mode.get("archive_numerics") or ("int8" if int8 else None)
     archive(ckpt, store, graph=mode["graph"], batch_size=batch_size, batch_delay=batch_delay, workers=1,
             channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds,
-            numerics="int8" if int8 else None, int8_data=int8_data if int8 and thresholds is None else None)
+            numerics=served, int8_data=int8_data if int8 and thresholds is None else None)
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     if mode["malloc"]:
         env.update(MALLOC_ENV)
@@ -242,11 +259,20 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
     return out
 
 
+def auto_mode(folder: Path) -> tuple[dict, str]:
+    """What ``auto`` serves for a bundled model on this CPU, as a mode of ``MODES`` whose archive
+    is built with numerics auto, and why (the worker's own rule, on the model's thresholds)."""
+    card = load_mrl_resnet50(folder / "mrl_resnet50_fp16.pt")[1]
+    sets = numerics_sets(json.loads((folder / "thresholds.json").read_text()))
+    chose, why = choose_numerics("auto", card.numerics, sets, has_int8="int8" in sets)
+    return {**MODES[chose], "archive_numerics": "auto", "auto_chose": chose}, why
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", default=",".join(["imagenet", *BUNDLED]))
-    p.add_argument("--modes", default="baseline,fp32,bf16,int8")
+    p.add_argument("--modes", default="baseline,fp32,bf16,int8,auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
@@ -256,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeat = 5 if args.quick else 15
     args.cascade_pairs = 2 if args.quick else 4
     configure_threads()
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    report = {"machine": {**machine(), "busy_before": cpu_busy()}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
               # bf16 emulated (no AVX512-BF16/AMX) is no peak worth timing: minutes of slow matmuls
               "peak_gflops": {"fp32": peak_gflops(torch.float32),
@@ -271,6 +297,13 @@ def main(argv: list[str] | None = None) -> dict:
         for model in args.models.split(","):
             for mode_name in args.modes.split(","):
                 mode = MODES[mode_name]
+                why = None
+                if mode_name == "auto":
+                    if model not in BUNDLED:  # auto needs thresholds sets with their parity records
+                        report.setdefault("skipped", []).append(f"{model}/auto: no thresholds (bundled models only)")
+                        continue
+                    mode, why = auto_mode(BUNDLED[model][0])
+                    print(model, "auto chose", mode["auto_chose"], why, flush=True)
                 if resolve_numerics(mode["numerics"]) != mode["numerics"]:
                     report.setdefault("skipped", []).append(f"{model}/{mode_name}: this CPU has no bf16 support")
                     print(model, mode_name, "skipped: no bf16 on this CPU", flush=True)
@@ -279,13 +312,16 @@ def main(argv: list[str] | None = None) -> dict:
                 shipped = BUNDLED[model][0] / "mrl_resnet50_fp16.pt" if model in BUNDLED else None
                 ckpt = (shipped or ckpts[model]["fp32"]) if int8 else ckpts[model][mode["numerics"]]
                 thr = None
+                if mode_name == "auto":
+                    ckpt = shipped  # its thresholds' sets decide
                 if shipped is not None and ckpt == shipped and mode_name != "baseline":
                     thr = BUNDLED[model][0] / "thresholds.json"  # fit on this very file, with its numerics
                 if int8 and thr is not None and "int8" not in numerics_sets(json.loads(thr.read_text())):
                     thr = None  # no int8 set: served at fixed 2048 on a backbone calibrated on its test inputs
                 calib = calibration_folder(tmp, model, inputs[model]) if int8 and thr is None else None
                 program = int8_for(ckpt, calib, thr) if int8 else None
-                res = {"raw": raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)}
+                res = {"auto": {"chose": mode["auto_chose"], "why": why}} if why else {}
+                res["raw"] = raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)
                 print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
                 res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,
                                             cascade_check=thr is not None, int8_data=calib)

@@ -218,6 +218,26 @@ def test_v2_health_is_served_by_torchserve(tiny_server, path, key):
         assert resp.status == 200 and json.load(resp) == {key: True}
 
 
+def test_the_frontend_jvm_runs_with_the_configured_options(tiny_server):
+    """config.properties' vmargs (C1 only, serial GC: bench/server_tuning.py) reach the frontend's JVM."""
+    from pathlib import Path
+
+    from model_store.serve import ROOT
+
+    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), re.M).group(1).split()
+    assert vmargs, "config.properties sets no vmargs"
+    frontends = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "org.pytorch.serve.ModelServer" in argv:
+            frontends.append(argv)
+    assert len(frontends) == 1, frontends
+    assert set(vmargs) <= set(frontends[0]), (vmargs, frontends[0])
+
+
 # Last in this module: it starts its own TorchServe, and stopping it stops tiny_server too.
 def test_an_official_format_checkpoint_serves_224_jpegs(tmp_path_factory):
     """Random weights in the official RAIVNLab layout (DDP prefix, BlurPool, nine MRL heads)."""
