@@ -5,7 +5,8 @@ decode, forward, cascade per batch), its mean batch and busy share, and each pro
 (the Java frontend, the Python worker, this client).
 
     python -m bench.server_tuning [--model imagenet|demo|han1000] [--numerics int8] [--rounds 2]
-                                  [--variants config,jvm_default]      # docs/server_tuning_<model>.json
+                                  [--variants config,jvm_default] [--concurrency 1,16]
+                                  # docs/server_tuning_<model>.json
 
 Variants (``VARIANTS``): ``config`` is config.properties as committed; the others change one
 thing against it. A setting stays in config.properties only if this benchmark shows it.
@@ -91,10 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--phases", type=int, default=2, help="saturation phases per start")
     p.add_argument("--phase-s", type=float, default=18)
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", default="16", help="comma-separated: phases at each, per start")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     names = args.variants.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -133,23 +135,29 @@ def main(argv: list[str] | None = None) -> dict:
                     start("mrl_resnet50", 300, root=tmp, config=config, model_store=stores[n], env=env)
                     serve_phase(tmp, bodies, 4, 4)  # the first requests
                     for i in range(args.phases):
-                        r = phase(tmp, bodies, args.concurrency, args.phase_s)
-                        report["rounds"].append({"variant": n, "round": rnd, "phase": i, **r})
-                        print(n, rnd, i, f"{r['img_s']:.1f} img/s, worker busy {r['worker_busy']:.0%}, "
-                              f"batch {r['batch_mean']:.1f}, ms/batch {r['ms_per_batch']}, cpu {r['cpu_share']}", flush=True)
+                        for c in levels:
+                            r = phase(tmp, bodies, c, args.phase_s)
+                            report["rounds"].append({"variant": n, "round": rnd, "phase": i, **r})
+                            print(n, rnd, i, f"c={c}: {r['img_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
+                                  f"worker busy {r['worker_busy']:.0%}, "
+                                  f"batch {r['batch_mean']:.1f}, ms/batch {r['ms_per_batch']}, cpu {r['cpu_share']}",
+                                  flush=True)
                 finally:
                     stop(tmp)
     summary = {}
-    for n in names:
-        runs = [r for r in report["rounds"] if r["variant"] == n]
-        summary[n] = {"img_s": statistics.median(r["img_s"] for r in runs),
-                      "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                      "worker_busy": statistics.median(r["worker_busy"] for r in runs),
-                      "forward_ms": statistics.median(r["ms_per_batch"].get("forward", 0) for r in runs),
-                      "frontend_cpu": statistics.median(r["cpu_share"]["frontend"] for r in runs),
-                      "phases": len(runs)}
-    for n in names:
-        summary[n]["vs_first"] = summary[n]["img_s"] / summary[names[0]]["img_s"]
+    for c in levels:
+        for n in names:
+            runs = [r for r in report["rounds"] if r["variant"] == n and r["concurrency"] == c]
+            summary[f"{n}/c{c}"] = {
+                "img_s": statistics.median(r["img_s"] for r in runs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                "worker_busy": statistics.median(r["worker_busy"] for r in runs),
+                "worker_ms_per_batch": statistics.median(sum(r["ms_per_batch"].values()) for r in runs),
+                "forward_ms": statistics.median(r["ms_per_batch"].get("forward", 0) for r in runs),
+                "frontend_cpu": statistics.median(r["cpu_share"]["frontend"] for r in runs),
+                "phases": len(runs)}
+        for n in names:
+            summary[f"{n}/c{c}"]["vs_first"] = summary[f"{n}/c{c}"]["img_s"] / summary[f"{names[0]}/c{c}"]["img_s"]
     report["summary"] = summary
     out = args.out or ROOT / "docs" / f"server_tuning_{args.model}.json"
     return save_report(report, out, {"machine": report["machine"], "summary": summary})
