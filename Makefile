@@ -59,6 +59,7 @@ archive-han1000: env
 		rm -f model_store/han1000.mar; \
 		echo "han1000: no $(HAN1000)/mrl_resnet50_fp16.pt, so only the demo model is served;"; \
 		echo "  train it with the commands in README.md, 'han1000: printed Han characters' (about 4.4 h here)."; \
+		echo "  A full clone restores the committed one: git show bf3e484:$(HAN1000)/mrl_resnet50_fp16.pt > $(HAN1000)/mrl_resnet50_fp16.pt"; \
 	fi
 
 serve: archive archive-han1000

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(tmp: Path, env: dict, kinds, args, report: dict) -> dict:
     key = [read_keys(tmp)["inference"]]
+    retiring: set[str] = set()  # keys being renewed: the server may refuse them before key[0] changes
     lock = threading.Lock()
     window: list[tuple] = []  # (kind, expected, status, seconds, sent with a since-renewed key) since the last sample
     totals = {"requests": 0, "unexpected": 0, "by_kind": {}}
@@ -129,7 +130,7 @@ def run(tmp: Path, env: dict, kinds, args, report: dict) -> dict:
             except OSError:
                 status, seconds = 0, 60.0
             with lock:
-                window.append((kind, expected, status, seconds, client.token != key[0]))
+                window.append((kind, expected, status, seconds, client.token != key[0] or client.token in retiring))
 
     threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in range(args.clients)]
     t0 = time.monotonic()
@@ -140,7 +141,7 @@ def run(tmp: Path, env: dict, kinds, args, report: dict) -> dict:
         while time.monotonic() < stop_at:
             time.sleep(max(0.0, min(args.sample_s, stop_at - time.monotonic())))
             if time.monotonic() >= next_renew and next_renew < stop_at:  # none is due at the very end
-                report["renewals"].append({"t_s": round(time.monotonic() - t0, 1), **renewal(tmp, key, lock, args)})
+                report["renewals"].append({"t_s": round(time.monotonic() - t0, 1), **renewal(tmp, key, retiring, lock, args)})
                 next_renew += args.renew_after_s
             with lock:
                 batch, window[:] = list(window), []
@@ -156,9 +157,14 @@ def run(tmp: Path, env: dict, kinds, args, report: dict) -> dict:
     return {"summary": summarize(report["samples"], totals, report["renewals"])}
 
 
-def renewal(tmp: Path, key: list, lock: threading.Lock, args) -> dict:
-    """Renew the inference key the documented way; the old key must stop working, the new one work."""
+def renewal(tmp: Path, key: list, retiring: set, lock: threading.Lock, args) -> dict:
+    """Renew the inference key the documented way; the old key must stop working, the new one work.
+
+    The old key is marked retiring before the server is asked: from then on a request with it may
+    be refused (a renewal race, counted apart) before ``key[0]`` names the new one."""
     old = key[0]
+    with lock:
+        retiring.add(old)
     new = renew_key("inference", root=tmp, management=args.management)
     with lock:
         key[0] = new
