@@ -32,7 +32,8 @@ def tables(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for key, res in report["results"].items():
         raw, srv = res["raw"], res["server"]
-        numerics = res.get("auto", {}).get("chose") or {"baseline": "fp32"}.get(key.rsplit("/", 1)[1], key.rsplit("/", 1)[1])
+        mode = res["auto"]["chose"] if "auto" in res else key.rsplit("/", 1)[1]
+        numerics = "fp32" if mode == "baseline" else mode
         sat = _saturation(srv)
         gf = raw[bs]["backbone_gflops"]
         share = f" ({gf / peak[numerics]:.0%})" if peak.get(numerics) else ""  # int8 has no measured peak

@@ -58,9 +58,7 @@ MODES = {
     "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
     # int8: the PT2E-quantized backbone as an AOTInductor package (handler/quantize.py), fp32 heads.
     "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
-    # auto: resolved per model to one of the above before it runs (auto_mode); its archive says auto.
-    "auto": dict(numerics="auto", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
-}
+}  # and "auto": one of these per model (auto_mode), served from an archive that says auto
 
 
 def machine() -> dict:
@@ -76,7 +74,8 @@ def cpu_busy(seconds: float = 3.0) -> float:
     def sample():
         f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
         return sum(f), f[3] + f[4]  # total, idle + iowait
-    (t0, i0), _ = sample(), time.sleep(seconds)
+    t0, i0 = sample()
+    time.sleep(seconds)
     t1, i1 = sample()
     return round(1 - (i1 - i0) / max(t1 - t0, 1), 3)
 
@@ -259,13 +258,12 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
     return out
 
 
-def auto_mode(folder: Path) -> tuple[dict, str]:
-    """What ``auto`` serves for a bundled model on this CPU, as a mode of ``MODES`` whose archive
-    is built with numerics auto, and why (the worker's own rule, on the model's thresholds)."""
+def auto_mode(folder: Path) -> tuple[str, str]:
+    """The mode of ``MODES`` that ``auto`` serves for a bundled model on this CPU, and why (the
+    worker's own rule, on the model's thresholds)."""
     card = load_mrl_resnet50(folder / "mrl_resnet50_fp16.pt")[1]
     sets = numerics_sets(json.loads((folder / "thresholds.json").read_text()))
-    chose, why = choose_numerics("auto", card.numerics, sets, has_int8="int8" in sets)
-    return {**MODES[chose], "archive_numerics": "auto", "auto_chose": chose}, why
+    return choose_numerics("auto", card.numerics, sets, has_int8="int8" in sets)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,14 +294,17 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = {"imagenet": imagenet_inputs(), **{m: demo_inputs(spec=spec) for m, (_, spec) in BUNDLED.items()}}
         for model in args.models.split(","):
             for mode_name in args.modes.split(","):
-                mode = MODES[mode_name]
-                why = None
+                res = {}
                 if mode_name == "auto":
                     if model not in BUNDLED:  # auto needs thresholds sets with their parity records
                         report.setdefault("skipped", []).append(f"{model}/auto: no thresholds (bundled models only)")
                         continue
-                    mode, why = auto_mode(BUNDLED[model][0])
-                    print(model, "auto chose", mode["auto_chose"], why, flush=True)
+                    chose, why = auto_mode(BUNDLED[model][0])
+                    res["auto"] = {"chose": chose, "why": why}
+                    mode = {**MODES[chose], "archive_numerics": "auto"}
+                    print(model, "auto chose", chose, why, flush=True)
+                else:
+                    mode = MODES[mode_name]
                 if resolve_numerics(mode["numerics"]) != mode["numerics"]:
                     report.setdefault("skipped", []).append(f"{model}/{mode_name}: this CPU has no bf16 support")
                     print(model, mode_name, "skipped: no bf16 on this CPU", flush=True)
@@ -320,7 +321,6 @@ def main(argv: list[str] | None = None) -> dict:
                     thr = None  # no int8 set: served at fixed 2048 on a backbone calibrated on its test inputs
                 calib = calibration_folder(tmp, model, inputs[model]) if int8 and thr is None else None
                 program = int8_for(ckpt, calib, thr) if int8 else None
-                res = {"auto": {"chose": mode["auto_chose"], "why": why}} if why else {}
                 res["raw"] = raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)
                 print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
                 res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,

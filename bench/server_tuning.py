@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode = MODES[args.numerics]
     report = {"machine": {**machine(), "busy_before": cpu_busy()},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.server_tuning " + " ".join(argv or os.sys.argv[1:]),
+              "command": "python -m bench.server_tuning " + " ".join(argv or sys.argv[1:]),
               "model": args.model, "numerics": args.numerics, "variants": {n: VARIANTS[n] for n in names},
               "rounds": []}
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         for rnd in range(args.rounds):
             for n in (names if rnd % 2 == 0 else names[::-1]):  # ABBA: a drift lands on both sides
                 v = VARIANTS[n]
-                env = {k: x for k, x in os.environ.items() if k not in MALLOC_ENV} | MALLOC_ENV | v.get("env", {})
+                env = {**os.environ, **MALLOC_ENV, **v.get("env", {})}
                 config = write_config(tmp / "config.properties", stores[n], overrides=v.get("overrides"))
                 stop(tmp)
                 try:
