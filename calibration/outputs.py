@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from handler.capture import read_capture
 from handler.checkpoint import file_sha256, load_mrl_resnet50, read_checkpoint
+from handler import quantize
 from handler.engine import Engine, configure_threads, resolve_numerics
 from handler.preprocess import Normalizer, crop_image
 from training.data import load_spec
@@ -119,7 +120,7 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
             "card_numerics": card.numerics, "graph": "compile" if int8 else graph,
             "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting),
             **({"emulated": True} if emulate else {}),
-            **({"int8_program": {k: int8_program.meta[k] for k in ("fingerprint", "data", "images", "reduce_range")}}
+            **({"int8_program": {k: int8_program.meta[k] for k in quantize.RECORD}}
                if int8 else {})}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir / f"outputs-{key}.npz" if cache_dir else None

@@ -2,13 +2,17 @@
 calibrated on holdout images through the server's own preprocessing; heads and softmax stay fp32.
 
     python -m handler.quantize --checkpoint CKPT --data SPEC [--images 512]   # build (or find) it
+    python -m handler.quantize --checkpoint CKPT --record-scales THRESHOLDS   # an old record made portable
 
 The quantized backbone is an exported program (``.pt2``: int8 weights, a graph, no Python code)
 built once per checkpoint, calibration data and activation range, and cached by that key under
 ``~/.cache/mrl-serve/int8/``. ``fit_thresholds.py --numerics int8`` calibrates thresholds on exactly
-that program (its fingerprint goes in the set's meta; a rebuild from the same inputs has the same
-fingerprint), ``build_archive.py`` puts it in the archive, and a worker compiles it with
-torch.compile and inductor freezing (``Engine``).
+that program: its fingerprint and its activation scales go in the set's meta. A rebuild from that
+record uses the recorded scales, so it computes the same program on any CPU (the calibration pass
+runs in floats whose last bits differ between AVX2 and AVX-512 kernels; the weights' scales are
+exact min/max and agree everywhere), and checks them against its own calibration.
+``build_archive.py`` puts the program in the archive, and a worker compiles it with torch.compile and
+inductor freezing (``Engine``).
 
 Activations are quantized to 7 bits (``reduce_range``) on CPUs without VNNI: there oneDNN's int8
 kernels multiply u8 x s8 pairs into saturating int16 sums, and the 8-bit range measurably loses
@@ -37,6 +41,8 @@ CACHE = Path(os.environ.get("MRL_CACHE", Path.home() / ".cache" / "mrl-serve")) 
 CALIBRATION_IMAGES = 512
 CALIBRATION_BATCH = 8
 MAX_BATCH = 64  # the exported program's batch dimension is dynamic up to this
+# What a thresholds set records of the program it was fit on: enough to rebuild it anywhere.
+RECORD = ("fingerprint", "data", "images", "reduce_range", "activation_qparams")
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,41 @@ def _versions() -> dict:
     return {"torch": str(torch.__version__), "torchao": _torchao().__version__}
 
 
-def program_key(checkpoint_sha256: str, spec: str, images: int, reduce_range: bool) -> str:
-    what = json.dumps([checkpoint_sha256, spec, images, reduce_range, _versions()], sort_keys=True)
-    return hashlib.sha256(what.encode()).hexdigest()[:20]
+def program_key(checkpoint_sha256: str, spec: str, images: int, reduce_range: bool,
+                activation_qparams: dict | None = None) -> str:
+    what = [checkpoint_sha256, spec, images, reduce_range, _versions()]
+    if activation_qparams is not None:  # else the scales this machine's calibration gives
+        what.append(activation_qparams)
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+QPARAMS_RTOL = 1e-2  # a recorded scale this far from this machine's calibration is another calibration
+
+
+def _pin_activation_qparams(prepared: torch.fx.GraphModule, recorded: dict | None) -> dict:
+    """The activation (per-tensor) observers' scale and zero point, by observer name, after the
+    calibration pass; with ``recorded``, those values are what convert uses, each checked against
+    this calibration's (float rounding moves a scale by an ulp or so, not by a percent)."""
+    observed = {}
+    for name, obs in prepared.named_modules():
+        if getattr(obs, "qscheme", None) not in (torch.per_tensor_affine, torch.per_tensor_symmetric) \
+                or not hasattr(obs, "calculate_qparams"):
+            continue
+        scale, zero = obs.calculate_qparams()
+        observed[name] = [float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0])]
+        if recorded is not None:
+            if name not in recorded:
+                raise ValueError(f"the recorded activation scales have no entry for observer {name}")
+            s, z = recorded[name]
+            if z != observed[name][1] or abs(s - observed[name][0]) > QPARAMS_RTOL * abs(s):
+                raise ValueError(f"observer {name}: recorded scale {s} / zero point {z}, this calibration "
+                                 f"gives {observed[name][0]} / {observed[name][1]}: not the same calibration")
+            pinned = (torch.tensor([s], dtype=scale.dtype), torch.tensor([z], dtype=zero.dtype))
+            obs.calculate_qparams = lambda pinned=pinned: pinned
+    if recorded is not None and set(recorded) - set(observed):
+        raise ValueError(f"the recorded activation scales name observers this graph lacks: "
+                         f"{sorted(set(recorded) - set(observed))[:3]}")
+    return observed if recorded is None else dict(recorded)
 
 
 def _strip_unused(gm: torch.fx.GraphModule) -> None:
@@ -114,9 +152,11 @@ def fingerprint(program: torch.export.ExportedProgram) -> str:
     return h.hexdigest()
 
 
-def quantize_backbone(model, batches: Iterable[torch.Tensor], reduce_range: bool) -> torch.export.ExportedProgram:
+def quantize_backbone(model, batches: Iterable[torch.Tensor], reduce_range: bool,
+                      activation_qparams: dict | None = None) -> tuple[torch.export.ExportedProgram, dict]:
     """PT2E static quantization of ``model.embed``: export, insert observers, run ``batches``
-    (normalized, channels_last), convert; returned as a program with a dynamic batch dimension."""
+    (normalized, channels_last), convert (with ``activation_qparams`` where given); returned as a
+    program with a dynamic batch dimension, and the activation scales it uses."""
     _torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -134,9 +174,10 @@ def quantize_backbone(model, batches: Iterable[torch.Tensor], reduce_range: bool
         prepared(first)
         for x in batches:
             prepared(x)
+        qparams = _pin_activation_qparams(prepared, activation_qparams)
         converted = convert_pt2e(prepared)
         _strip_unused(converted)
-        return torch.export.export(converted, (first,), strict=False, **dynamic)
+        return torch.export.export(converted, (first,), strict=False, **dynamic), qparams
 
 
 def calibration_batches(card, spec: str, images: int):
@@ -152,26 +193,29 @@ def calibration_batches(card, spec: str, images: int):
 
 
 def build(checkpoint: str | Path, spec: str, *, images: int = CALIBRATION_IMAGES, reduce_range: bool | None = None,
-          cache: Path = CACHE) -> Program:
-    """The int8 program for ``checkpoint`` calibrated on ``spec``, from the cache or built now."""
+          activation_qparams: dict | None = None, cache: Path = CACHE) -> Program:
+    """The int8 program for ``checkpoint`` calibrated on ``spec`` (with a record's
+    ``activation_qparams``, where given), from the cache or built now."""
     from handler.checkpoint import file_sha256, load_mrl_resnet50
 
     sha = file_sha256(checkpoint)
     reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
-    key = program_key(sha, spec, images, reduce_range)
+    key = program_key(sha, spec, images, reduce_range, activation_qparams)
     path = Path(cache) / f"backbone-{key}.pt2"
     if path.exists() and path.with_suffix(".json").exists():
         meta = json.loads(path.with_suffix(".json").read_text())
-        if "fingerprint" in meta:  # else from an older build: built again
+        if "activation_qparams" in meta:  # else from an older build: built again
             return Program(path, meta)
     t0 = time.perf_counter()
     model, card = load_mrl_resnet50(checkpoint, numerics="fp32")
-    program = quantize_backbone(model, calibration_batches(card, spec, images), reduce_range)
+    program, qparams = quantize_backbone(model, calibration_batches(card, spec, images), reduce_range,
+                                         activation_qparams)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
     torch.export.save(program, str(tmp))
     meta = {"checkpoint_sha256": sha, "data": spec, "images": images, "reduce_range": reduce_range,
-            "key": key, "fingerprint": fingerprint(program), "sha256": file_sha256(tmp), "build_s": round(time.perf_counter() - t0, 1), **_versions()}
+            "key": key, "fingerprint": fingerprint(program), "sha256": file_sha256(tmp),
+            "build_s": round(time.perf_counter() - t0, 1), **_versions(), "activation_qparams": qparams}
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("int8 program %s built in %.1f s", path, meta["build_s"])
@@ -180,15 +224,16 @@ def build(checkpoint: str | Path, spec: str, *, images: int = CALIBRATION_IMAGES
 
 def for_thresholds(checkpoint: str | Path, thresholds: str | Path) -> Program | None:
     """The program the int8 set of a thresholds file was fit on, rebuilt here from the set's record
-    (or found in the cache); None when the file has no int8 set. A rebuild that computes another
-    program (another kind of CPU rounds the calibration pass's floats differently, so the scales
-    differ) is refused: the set does not describe it."""
+    (or found in the cache) with the scales it records; None when the file has no int8 set. A
+    rebuild that computes another program is refused: the set does not describe it. (A record
+    without scales, from before they were kept, reproduces only on the kind of CPU it was fit on.)"""
     from handler.thresholds import numerics_sets
 
     fit = numerics_sets(json.loads(Path(thresholds).read_text())).get("int8", {}).get("meta", {}).get("int8_program")
     if not fit:
         return None
-    program = build(checkpoint, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
+    program = build(checkpoint, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"],
+                    activation_qparams=fit.get("activation_qparams"))
     if program.fingerprint != fit["fingerprint"]:
         raise ValueError(f"the int8 set of {thresholds} was fit on quantized backbone {fit['fingerprint'][:16]}, "
                          f"this machine builds {program.fingerprint[:16]} from the same record: refit it here "
@@ -273,10 +318,34 @@ def load_package(program: Program, path: Path):
     return torch._inductor.aoti_load_package(str(path))
 
 
-def main(argv: list[str] | None = None) -> Program:
+def record_scales(checkpoint: str | Path, thresholds: str | Path) -> dict:
+    """Add to a thresholds file's int8 record, from before scales were kept, the activation scales
+    of the program it was fit on: rebuilt here from the record, which must reproduce its
+    fingerprint, so run it on the kind of CPU the set was fit on. (An AVX-512 CPU reproduces an
+    AVX2 one's rounding under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2.)"""
+    from handler.thresholds import numerics_sets
+
+    doc = json.loads(Path(thresholds).read_text())
+    fit = numerics_sets(doc).get("int8", {}).get("meta", {}).get("int8_program")
+    if not fit:
+        raise SystemExit(f"{thresholds} has no int8 set")
+    if "activation_qparams" in fit:
+        return fit
+    program = build(checkpoint, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"])
+    if program.fingerprint != fit["fingerprint"]:
+        raise SystemExit(f"this machine builds {program.fingerprint[:16]}, the set was fit on {fit['fingerprint'][:16]}: "
+                         "run this on the kind of CPU the set was fit on")
+    fit["activation_qparams"] = program.meta["activation_qparams"]
+    Path(thresholds).write_text(json.dumps(doc, indent=2) + "\n")
+    return fit
+
+
+def main(argv: list[str] | None = None) -> Program | dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="calibration images: a holdout spec or folder")
+    p.add_argument("--data", help="calibration images: a holdout spec or folder")
+    p.add_argument("--record-scales", metavar="THRESHOLDS",
+                   help="add the activation scales to the int8 record of THRESHOLDS (record_scales)")
     p.add_argument("--images", type=int, default=CALIBRATION_IMAGES)
     p.add_argument("--reduce-range", choices=("auto", "yes", "no"), default="auto",
                    help="7-bit activations (auto: where the CPU has no VNNI)")
@@ -284,6 +353,13 @@ def main(argv: list[str] | None = None) -> Program:
     from handler.engine import configure_threads
 
     configure_threads()
+    if args.record_scales:
+        fit = record_scales(args.checkpoint, args.record_scales)
+        print(f"{args.record_scales}: int8 record {fit['fingerprint'][:16]} holds "
+              f"{len(fit['activation_qparams'])} activation scales")
+        return fit
+    if not args.data:
+        p.error("--data is required to build a program")
     rr = {"auto": None, "yes": True, "no": False}[args.reduce_range]
     program = build(args.checkpoint, args.data, images=args.images, reduce_range=rr)
     print(json.dumps({"path": str(program.path), **program.meta}, indent=2))

@@ -76,6 +76,30 @@ def test_the_quantized_backbone_runs_close_to_fp32_and_is_cached(tiny_checkpoint
     assert (p8[:1] - int8(x[:1])[0]).abs().max() < 1e-4  # batch 1 (its own graph) gives the same rows
 
 
+def test_a_rebuild_from_a_record_uses_its_activation_scales(tiny_checkpoint, program):
+    # The record's scales, not this machine's calibration, make the program: a scale moved by a
+    # rounding-sized amount is what the rebuild computes (so another CPU's record reproduces here).
+    recorded = program.meta["activation_qparams"]
+    assert len(recorded) > 10 and all(s > 0 and isinstance(z, int) for s, z in recorded.values())
+    name = sorted(recorded)[0]
+    nudged = {**recorded, name: [recorded[name][0] * 1.001, recorded[name][1]]}
+    again = quantize.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=nudged,
+                           cache=program.path.parent)
+    assert again.path != program.path and again.fingerprint != program.fingerprint
+    assert again.meta["activation_qparams"] == nudged
+    code = quantize.torch.export.load(str(again.path)).graph_module.code
+    assert repr(nudged[name][0]) in code or repr(float(torch.tensor(nudged[name][0]))) in code
+    same = quantize.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=recorded,
+                          cache=program.path.parent / "other")
+    assert same.fingerprint == program.fingerprint  # the recorded scales are this calibration's
+    # A record from another calibration (a scale 5 % off, or an observer this graph lacks) is refused.
+    for bad, match in (({**recorded, name: [recorded[name][0] * 1.05, recorded[name][1]]}, "not the same calibration"),
+                       ({**recorded, "activation_post_process_9999": [0.1, 0]}, "observers this graph lacks")):
+        with pytest.raises(ValueError, match=match):
+            quantize.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=bad,
+                           cache=program.path.parent)
+
+
 def test_an_8_bit_program_is_refused_on_a_cpu_without_vnni(program, tmp_path):
     meta = {**program.meta, "reduce_range": False}
     eight = quantize.Program(program.path, meta)
