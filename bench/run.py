@@ -174,6 +174,14 @@ def calibration_folder(tmp: Path, model: str, bodies: list[bytes]) -> str:
     return str(folder.parent)
 
 
+def int8_set_runs_here(thresholds: Path) -> bool:
+    """Whether the thresholds hold an int8 set this CPU can serve (8-bit activations need VNNI)."""
+    from handler import quantize
+
+    fit = numerics_sets(json.loads(thresholds.read_text())).get("int8", {}).get("meta", {}).get("int8_program")
+    return bool(fit) and (fit["reduce_range"] or quantize.cpu_has_vnni())
+
+
 def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None):
     """The int8 program (with its package) a server of ``ckpt`` runs: the one its thresholds' int8
     set was fit on, else one calibrated on ``calibration``."""
@@ -317,8 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
                     ckpt = shipped  # its thresholds' sets decide
                 if shipped is not None and ckpt == shipped and mode_name != "baseline":
                     thr = BUNDLED[model][0] / "thresholds.json"  # fit on this very file, with its numerics
-                if int8 and thr is not None and "int8" not in numerics_sets(json.loads(thr.read_text())):
-                    thr = None  # no int8 set: served at fixed 2048 on a backbone calibrated on its test inputs
+                if int8 and thr is not None and not int8_set_runs_here(thr):
+                    thr = None  # no int8 set (or an 8-bit one without VNNI): served at fixed 2048 on a
+                    # backbone calibrated on its test inputs
                 calib = calibration_folder(tmp, model, inputs[model]) if int8 and thr is None else None
                 program = int8_for(ckpt, calib, thr) if int8 else None
                 res["raw"] = raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)

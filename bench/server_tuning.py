@@ -36,6 +36,7 @@ VARIANTS = {
     "omp_passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}},  # worker threads sleep, not spin, when idle
     "batch16": {"batch_size": 16},
     "delay1": {"batch_delay": 1},
+    "delay0": {"batch_delay": 0},  # batch only what is queued when the worker frees (no wait)
 }
 CLK = os.sysconf("SC_CLK_TCK")
 STAGE = re.compile(r'^(mrl_stage_seconds_sum|mrl_stage_seconds_count|mrl_batches_total|mrl_batch_items_total)'

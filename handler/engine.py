@@ -103,7 +103,8 @@ def choose_numerics(requested: str, card_numerics: str, sets: dict[str, dict] | 
     fp32 without bf16 instructions), a mode, or 'auto': the first of ``AUTO_ORDER`` for this CPU
     that the thresholds hold a set for (``sets``: mode -> set; None when the model has no
     thresholds), that the device runs natively, and, for int8, whose set passed parity with fp32
-    (fit_thresholds.py records it) and whose quantized backbone is in the archive."""
+    (fit_thresholds.py records it), whose activation range this CPU runs without saturating (8-bit
+    needs VNNI or AMX) and whose quantized backbone is in the archive."""
     if requested not in REQUESTS:
         raise ValueError(f"numerics must be one of {REQUESTS}, got {requested!r}")
     if requested == "card":
@@ -129,6 +130,9 @@ def choose_numerics(requested: str, card_numerics: str, sets: dict[str, dict] | 
             skipped.append("int8: no quantized backbone in the archive")
         elif mode == "int8" and not (sets or {}).get("int8", {}).get("meta", {}).get("parity", {}).get("passed"):
             skipped.append("int8: its thresholds set did not pass parity with fp32")
+        elif mode == "int8" and (sets or {}).get("int8", {}).get("meta", {}).get("int8_program", {}).get(
+                "reduce_range") is False and not (isa["vnni"] or isa["amx"]):
+            skipped.append("int8: its set was fit with 8-bit activations, which saturate without VNNI")
         else:
             return mode, f"auto on {isa_name(isa)}" + (f" ({'; '.join(skipped)})" if skipped else "")
     raise ValueError(f"auto found no numerics to serve on {isa_name(isa)}: {'; '.join(skipped)}")

@@ -232,6 +232,10 @@ def for_thresholds(checkpoint: str | Path, thresholds: str | Path) -> Program | 
     fit = numerics_sets(json.loads(Path(thresholds).read_text())).get("int8", {}).get("meta", {}).get("int8_program")
     if not fit:
         return None
+    if not fit["reduce_range"] and not cpu_has_vnni():
+        raise ValueError(f"the int8 set of {thresholds} was fit with 8-bit activations, which saturate on a CPU "
+                         "without VNNI: refit it here (calibration/fit_thresholds.py --numerics int8 --add) "
+                         "or serve another numerics")
     program = build(checkpoint, fit["data"], images=fit["images"], reduce_range=fit["reduce_range"],
                     activation_qparams=fit.get("activation_qparams"))
     if program.fingerprint != fit["fingerprint"]:

@@ -10,7 +10,7 @@ from handler import quantize
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.engine import AUTO_ORDER, Engine, choose_numerics, cpu_isa
 from handler.service import MRLService
-from handler.thresholds import SCHEMA
+from handler.thresholds import SCHEMA, SETS_SCHEMA
 
 AMX = {"avx2": True, "avx512f": True, "vnni": True, "avx512_bf16": True, "amx": True}
 AVX2 = {"avx2": True, "avx512f": False, "vnni": False, "avx512_bf16": False, "amx": False}
@@ -29,6 +29,12 @@ def test_auto_takes_the_fastest_mode_this_cpu_runs_that_has_a_set():
     # bf16 is never auto's choice on AVX2 (emulated, slow): a bf16-only file leaves it nothing to serve.
     with pytest.raises(ValueError, match="auto found no numerics to serve on avx2"):
         choose_numerics("auto", "bf16", {"bf16": {}}, False, isa=AVX2)
+    # An int8 set fit with 8-bit activations: served where VNNI is, skipped (and why) where it is not.
+    eight = {"fp32": {}, "int8": {"meta": {"parity": {"passed": True}, "int8_program": {"reduce_range": False}}}}
+    VNNI = {**AVX2, "avx512f": True, "vnni": True}
+    assert choose_numerics("auto", "fp32", eight, True, isa=VNNI)[0] == "int8"
+    mode, why = choose_numerics("auto", "fp32", eight, True, isa=AVX2)
+    assert mode == "fp32" and "8-bit activations, which saturate without VNNI" in why
     # A model without thresholds (fixed 2048): any float mode, never an unchecked int8.
     assert choose_numerics("auto", "fp32", None, True, isa=AVX2)[0] == "fp32"
 
@@ -74,6 +80,16 @@ def test_the_quantized_backbone_runs_close_to_fp32_and_is_cached(tiny_checkpoint
     cos = torch.nn.functional.cosine_similarity(e8, e32, dim=-1)
     assert cos.min() > 0.95, cos
     assert (p8[:1] - int8(x[:1])[0]).abs().max() < 1e-4  # batch 1 (its own graph) gives the same rows
+
+
+def test_an_8_bit_record_is_not_rebuilt_on_a_cpu_without_vnni(tiny_checkpoint, program, tmp_path, monkeypatch):
+    record = {k: program.meta[k] for k in quantize.RECORD}
+    doc = {"schema": SETS_SCHEMA, "sets": {"int8": {"meta": {"numerics": "int8",
+                                                              "int8_program": {**record, "reduce_range": False}}}}}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    with pytest.raises(ValueError, match="8-bit activations, which saturate on a CPU without VNNI"):
+        quantize.for_thresholds(tiny_checkpoint, tmp_path / "t.json")
 
 
 def test_a_rebuild_from_a_record_uses_its_activation_scales(tiny_checkpoint, program):
