@@ -182,13 +182,13 @@ def int8_set_runs_here(thresholds: Path) -> bool:
     return bool(fit) and (fit["reduce_range"] or quantize.cpu_has_vnni())
 
 
-def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None):
+def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None, batch_size: int = 8):
     """The int8 program (with its package) a server of ``ckpt`` runs: the one its thresholds' int8
     set was fit on, else one calibrated on ``calibration``."""
     from handler import quantize
 
     program = quantize.for_thresholds(ckpt, thresholds) if thresholds is not None else None
-    return quantize.compile_package(program or quantize.build(ckpt, calibration))
+    return quantize.compile_package(program or quantize.build(ckpt, calibration), quantize.package_batches(batch_size))
 
 
 def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int, int8_program=None) -> dict:
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
                     thr = None  # no int8 set (or an 8-bit one without VNNI): served at fixed 2048 on a
                     # backbone calibrated on its test inputs
                 calib = calibration_folder(tmp, model, inputs[model]) if int8 and thr is None else None
-                program = int8_for(ckpt, calib, thr) if int8 else None
+                program = int8_for(ckpt, calib, thr, args.batch_size) if int8 else None
                 res["raw"] = raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)
                 print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
                 res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,

@@ -254,7 +254,7 @@ def open_program(path: str | Path, package: str | Path | None = None) -> Program
     meta = json.loads(path.with_suffix(".json").read_text())
     if file_sha256(path) != meta.get("sha256"):
         raise ValueError(f"{path} does not match its meta {path.with_suffix('.json')} (sha256 differs)")
-    return Program(path, meta, Path(package) if package and Path(package).exists() else None)
+    return Program(path, meta, Path(package) if package and Path(package).with_suffix(".json").exists() else None)
 
 
 def _check_range(program: Program) -> None:
@@ -278,27 +278,58 @@ def package_key(program: Program) -> dict:
     return {"fingerprint": program.fingerprint, "torch": str(torch.__version__), "isa": isa_name(cpu_isa())}
 
 
-def compile_package(program: Program, cache: Path = CACHE) -> Program:
-    """``program`` with its AOTInductor package, compiled here (about a minute for a ResNet50 on two
-    cores) or found in the cache. A worker loads a package in well under a second where
-    torch.compile spends about 40 s at every start, and it runs faster (docs/graph_modes_demo.json);
-    the served package answers as the compiled program does (tests/integration/test_int8.py)."""
-    key = package_key(program)
+def package_batches(batch_size: int) -> tuple[int, ...]:
+    """The static batch sizes a worker of ``batch_size`` gets compiled: the powers of two below
+    it, and it (a batch of 3 runs padded to 4)."""
+    sizes, b = [], 1
+    while b < batch_size:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, batch_size)
+
+
+def package_files(package: Path, batches) -> dict[int, Path]:
+    """A package's compiled graphs, one file per static batch size, beside its meta (``.json``)."""
+    return {b: package.with_name(f"{package.stem}-b{b}.pt2") for b in batches}
+
+
+def _input_shape(exported: torch.export.ExportedProgram) -> tuple[int, ...]:
+    name = exported.graph_signature.user_inputs[0]
+    node = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name == name)
+    return tuple(int(d) for d in node.meta["val"].shape[1:])
+
+
+def compile_package(program: Program, batches: Iterable[int] = package_batches(8), cache: Path = CACHE) -> Program:
+    """``program`` with its AOTInductor package, compiled here or found in the cache: one graph per
+    static batch size in ``batches`` (about 20 s each for a ResNet50 on two cores). A worker loads
+    a package in well under a second where torch.compile spends about 40 s at every start. Static
+    shapes, because oneDNN prepacks int8 weights for the shape it is given: at 224x224 on an AMD
+    Zen 5 with VNNI, one graph with a dynamic batch dimension ran batch 1 in 73 ms and batch 8 in
+    124, static graphs in 10.8 and 55.8 (fp32's traced graph: 26.4 and 229; a probe outside the
+    project's commands, docs/benchmarks.md). The served package answers as the compiled program
+    does (tests/integration/test_int8.py)."""
+    key = {**package_key(program), "batches": sorted(set(batches))}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache) / f"aoti-{name}.pt2"
-    if not (path.exists() and path.with_suffix(".json").exists()):
+    files = package_files(path, key["batches"])
+    if not (path.with_suffix(".json").exists() and all(f.exists() for f in files.values())):
         _torchao()
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights folded and prepacked for oneDNN's int8 kernels
         t0 = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
+        exported = torch.export.load(str(program.path))
+        shape, module = _input_shape(exported), exported.module()
         with torch.no_grad():
-            torch._inductor.aoti_compile_and_package(torch.export.load(str(program.path)), package_path=str(tmp))
-        os.replace(tmp, path)
+            for b, f in files.items():
+                x = torch.zeros(b, *shape).contiguous(memory_format=torch.channels_last)
+                tmp = f.with_name(f".{f.stem}.{os.getpid()}.pt2")
+                torch._inductor.aoti_compile_and_package(torch.export.export(module, (x,), strict=False),
+                                                         package_path=str(tmp))
+                os.replace(tmp, f)
         path.with_suffix(".json").write_text(json.dumps({**key, "build_s": round(time.perf_counter() - t0, 1)}) + "\n")
-        log.info("int8 package %s compiled in %.1f s", path, time.perf_counter() - t0)
+        log.info("int8 package %s (batches %s) compiled in %.1f s", path, key["batches"], time.perf_counter() - t0)
     return Program(program.path, program.meta, path)
 
 
@@ -312,14 +343,39 @@ def usable_package(program: Program) -> Path | None:
         log.warning("int8 package %s was compiled for %s, this worker is %s: compiling instead",
                     program.package, {k: meta.get(k) for k in want}, want)
         return None
+    missing = [str(f) for f in package_files(program.package, meta.get("batches", ())).values() if not f.exists()]
+    if not meta.get("batches") or missing:
+        log.warning("int8 package %s lacks its graphs %s: compiling instead", program.package, missing or "(none listed)")
+        return None
     return program.package
 
 
-def load_package(program: Program, path: Path):
+class _StaticBatches(nn.Module):
+    """A package's static-batch graphs as one module: a batch runs on the smallest graph that
+    holds it, zero-padded, and a batch above the largest runs in chunks."""
+
+    def __init__(self, runners: dict[int, object]) -> None:
+        super().__init__()
+        self.runners, self.sizes = runners, sorted(runners)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, top = [], self.sizes[-1]
+        for start in range(0, len(x), top):
+            chunk = x[start:start + top]
+            b = next(s for s in self.sizes if s >= len(chunk))
+            if b > len(chunk):
+                chunk = torch.cat([chunk, chunk.new_zeros(b - len(chunk), *chunk.shape[1:])])
+            y = self.runners[b](chunk.contiguous(memory_format=torch.channels_last))
+            out.append(y[:min(top, len(x) - start)])
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def load_package(program: Program, path: Path) -> nn.Module:
     """The program's compiled package, loaded; refused where its activation range would saturate."""
     _torchao()
     _check_range(program)
-    return torch._inductor.aoti_load_package(str(path))
+    batches = json.loads(Path(path).with_suffix(".json").read_text())["batches"]
+    return _StaticBatches({b: torch._inductor.aoti_load_package(str(f)) for b, f in package_files(Path(path), batches).items()})
 
 
 def record_scales(checkpoint: str | Path, thresholds: str | Path) -> dict:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from handler import quantize
 from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.engine import threshold_numerics
@@ -73,9 +74,7 @@ def build(args: argparse.Namespace) -> Path:
               f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)
     program = int8_program(args, ckpt)
     if program is not None and args.int8_package:
-        from handler import quantize
-
-        program = quantize.compile_package(program)
+        program = quantize.compile_package(program, quantize.package_batches(args.batch_size))
     out = Path(args.export_path).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,9 +106,14 @@ def build(args: argparse.Namespace) -> Path:
             shutil.copy(program.path.with_suffix(".json"), stage / "int8.json")
             extra += [str(stage / "int8.pt2"), str(stage / "int8.json")]
             if program.package is not None:  # compiled for this kind of CPU: workers load, not compile
-                shutil.copy(program.package, stage / "int8_aoti.pt2")
-                shutil.copy(program.package.with_suffix(".json"), stage / "int8_aoti.json")
-                extra += [str(stage / "int8_aoti.pt2"), str(stage / "int8_aoti.json")]
+                meta = program.package.with_suffix(".json")
+                shutil.copy(meta, stage / "int8_aoti.json")
+                extra.append(str(stage / "int8_aoti.json"))
+                batches = json.loads(meta.read_text())["batches"]
+                for src, dst in zip(quantize.package_files(program.package, batches).values(),
+                                    quantize.package_files(stage / "int8_aoti.pt2", batches).values()):
+                    shutil.copy(src, dst)
+                    extra.append(str(dst))
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", args.name, "--version", args.version,
                "--serialized-file", str(stage / "checkpoint.pt"),
                "--handler", str(ROOT / "handler" / "ts_handler.py"),
@@ -129,8 +133,6 @@ def int8_program(args: argparse.Namespace, ckpt: Path):
     calibrated on --int8-data; None when the archive serves float numerics only."""
     if args.numerics not in ("int8", "auto"):
         return None
-    from handler import quantize
-
     try:
         program = quantize.for_thresholds(ckpt, args.thresholds) if args.thresholds else None
     except ValueError as exc:

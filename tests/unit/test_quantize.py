@@ -154,3 +154,23 @@ def test_a_worker_refuses_int8_thresholds_fit_on_another_backbone(tiny_checkpoin
 def test_cpu_isa_reads_the_flags():
     isa = cpu_isa()
     assert set(isa) == set(AMX) and all(isinstance(v, bool) for v in isa.values())
+
+
+def test_static_batch_graphs_pad_up_and_chunk():
+    seen = []
+
+    def runner(x):
+        seen.append(len(x))
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        return x.flatten(1).sum(1, keepdim=True)
+
+    assert quantize.package_batches(8) == (1, 2, 4, 8) and quantize.package_batches(6) == (1, 2, 4, 6)
+    module = quantize._StaticBatches({b: runner for b in (1, 2, 4)})
+    x = torch.randn(11, 3, 4, 4)
+    out = module(x)
+    assert seen == [4, 4, 4]  # 4 + 4 + 3 padded to 4
+    torch.testing.assert_close(out, x.flatten(1).sum(1, keepdim=True))
+    seen.clear()
+    assert module(x[:3]).shape == (3, 1) and seen == [4]
+    seen.clear()
+    assert module(x[:1]).shape == (1, 1) and seen == [1]
