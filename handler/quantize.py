@@ -110,7 +110,8 @@ QPARAMS_RTOL = 1e-2  # a recorded scale this far from this machine's calibration
 def _pin_activation_qparams(prepared: torch.fx.GraphModule, recorded: dict | None) -> dict:
     """The activation (per-tensor) observers' scale and zero point, by observer name, after the
     calibration pass; with ``recorded``, those values are what convert uses, each checked against
-    this calibration's (float rounding moves a scale by an ulp or so, not by a percent)."""
+    this calibration's (float rounding moves a scale by an ulp or so and a zero point by at most
+    one, not a scale by a percent)."""
     observed = {}
     for name, obs in prepared.named_modules():
         if getattr(obs, "qscheme", None) not in (torch.per_tensor_affine, torch.per_tensor_symmetric) \
@@ -122,7 +123,7 @@ def _pin_activation_qparams(prepared: torch.fx.GraphModule, recorded: dict | Non
             if name not in recorded:
                 raise ValueError(f"the recorded activation scales have no entry for observer {name}")
             s, z = recorded[name]
-            if z != observed[name][1] or abs(s - observed[name][0]) > QPARAMS_RTOL * abs(s):
+            if abs(z - observed[name][1]) > 1 or abs(s - observed[name][0]) > QPARAMS_RTOL * abs(s):
                 raise ValueError(f"observer {name}: recorded scale {s} / zero point {z}, this calibration "
                                  f"gives {observed[name][0]} / {observed[name][1]}: not the same calibration")
             pinned = (torch.tensor([s], dtype=scale.dtype), torch.tensor([z], dtype=zero.dtype))
