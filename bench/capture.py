@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, save_report, serve_phase
+from bench.run import BUNDLED, ROOT, demo_inputs, machine, save_report, serve_phase
 from handler.capture import FLUSH_S, read_capture
 from handler.checkpoint import file_sha256
 from model_store.build_archive import archive
-from model_store.serve import stop, start, wait_ready, write_config
+from model_store.serve import SERVER_ENV, start, stop, wait_ready, write_config
 
 NAMES = ("plain", "captured")
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
                     capture_dir=capture_dir if name == "captured" else None)
         config = write_config(tmp / "config.properties", store,
                               extra="\nload_models=" + ",".join(f"{n}.mar" for n in NAMES) + "\n")
-        env = {**os.environ, **MALLOC_ENV}
+        env = {**os.environ, **SERVER_ENV}
         stop(tmp)
         try:
             start(NAMES[0], 240, root=tmp, config=config, model_store=store, env=env)

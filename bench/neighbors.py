@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, save_report, serve_phase
+from bench.run import BUNDLED, ROOT, demo_inputs, machine, save_report, serve_phase
 from model_store.build_archive import archive
-from model_store.serve import stop, start, write_config
+from model_store.serve import SERVER_ENV, start, stop, write_config
 from retrieval.gallery import read_meta
 
 KINDS = {"classify": None,
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = write_config(tmp / "config.properties", store, extra="\nload_models=han1000.mar\n")
         stop(tmp)
         try:
-            start("han1000", 300, root=tmp, config=config, model_store=store, env={**os.environ, **MALLOC_ENV})
+            start("han1000", 300, root=tmp, config=config, model_store=store, env={**os.environ, **SERVER_ENV})
             serve_phase(tmp, bodies, 1, 3.0, headers=KINDS["neighbors"], model="han1000")  # warm: pages in
             phases = {k: [] for k in kinds}
             for i in range(args.pairs):

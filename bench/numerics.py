@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, MALLOC_ENV, ROOT, demo_inputs, machine, save_report, serve_phase
+from bench.run import BUNDLED, ROOT, demo_inputs, machine, save_report, serve_phase
 from client.http import Client
 from handler.engine import bf16_supported, cpu_isa, isa_name
 from handler.quantize import Program
 from model_store.build_archive import archive
-from model_store.serve import read_keys, start, stop, wait_ready, write_config
+from model_store.serve import SERVER_ENV, read_keys, start, stop, wait_ready, write_config
 
 
 def cold_start(tmp: Path, store: Path, name: str, body: bytes, env: dict) -> float:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m bench.numerics " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "phase_s": args.phase_s, "concurrency": args.concurrency, "modes": modes}
-    env = {**os.environ, **MALLOC_ENV}
+    env = {**os.environ, **SERVER_ENV}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         store = tmp / "store"

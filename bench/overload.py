@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEMO, MALLOC_ENV, ROOT, demo_inputs, imagenet_inputs, machine, make_checkpoints
+from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, machine, make_checkpoints
 from client.http import Client, Result, run_load
 from model_store.build_archive import archive
-from model_store.serve import processes, read_keys, start, stop, write_config
+from model_store.serve import SERVER_ENV, processes, read_keys, start, stop, write_config
 
 TIMEOUT_S = 30  # the archives' responseTimeout
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
               "response_timeout_s": TIMEOUT_S, "phases": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        env = {**os.environ, **MALLOC_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
+        env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
         if args.model == "imagenet":
             ckpt, bodies = make_checkpoints(tmp)["imagenet"]["fp32"], imagenet_inputs()
         else:

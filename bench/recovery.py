@@ -33,10 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.overload import percentiles
-from bench.run import DEMO, MALLOC_ENV, ROOT, demo_inputs, imagenet_inputs, machine, make_checkpoints, save_report
+from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, machine, make_checkpoints, save_report
 from client.http import Client, run_load
 from model_store.build_archive import archive
-from model_store.serve import MANAGEMENT, describe, read_keys, start, stop, write_config
+from model_store.serve import MANAGEMENT, SERVER_ENV, describe, read_keys, start, stop, write_config
 
 START_LINE = re.compile(r"mrl worker start: process_age_s=([\d.]+) initialize_s=([\d.]+) "
                         r"graph_s=([\d.]+) warm_up_s=([\d.]+) graph_cached=(\w+)")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
               "model": args.model, "clients": args.clients, "batch_size": args.batch_size, "runs": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        env = {**os.environ, **MALLOC_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
+        env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
         if args.model == "imagenet":
             ckpt, bodies, thresholds = make_checkpoints(tmp)["imagenet"]["fp32"], imagenet_inputs(), None
         else:  # the bundled demo model as `make serve` serves it

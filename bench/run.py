@@ -5,8 +5,8 @@
 
 Every figure comes from this one run on this machine: medians and ratios, with the CPU named.
 Modes:
-  baseline  the usual recipe: eager fp32 NCHW, full JPEG decode, glibc malloc defaults;
-  fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, malloc settings;
+  baseline  the usual recipe: eager fp32 NCHW, full JPEG decode, glibc malloc and libgomp defaults;
+  fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, SERVER_ENV (malloc, libgomp spin);
   bf16      the same with bf16 autocast (what the demo card serves);
   int8      the backbone quantized (PT2E, handler/quantize.py) and compiled ahead of time, fp32 heads;
   auto      bundled models only: the archive built with numerics auto, which serves the fastest
@@ -41,8 +41,8 @@ from handler.model import mrl_resnet50
 from handler.engine import choose_numerics, configure_threads, cpu_isa, isa_name, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints, numerics_sets
-from model_store.build_archive import archive
-from model_store.serve import read_keys, start, stop, write_config
+from model_store.build_archive import BATCH_DELAY_MS, archive
+from model_store.serve import SERVER_ENV, read_keys, start, stop, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "model_store" / "fashion_mnist"
@@ -51,13 +51,12 @@ BUNDLED = {name: (folder, spec) for name, folder, spec in (
     ("demo", DEMO, "fashion-mnist:test"), ("han1000", ROOT / "model_store" / "han1000", "han1000:test"))
     if (folder / "mrl_resnet50_fp16.pt").exists()}  # han1000 once its checkpoint is trained (git has none)
 GFLOP_224 = 8.18  # ResNet50 forward, one 224x224 image
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 MODES = {
-    "baseline": dict(numerics="fp32", graph="eager", channels_last=False, jpeg_draft=False, malloc=False),
-    "fp32": dict(numerics="fp32", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
-    "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
+    "baseline": dict(numerics="fp32", graph="eager", channels_last=False, jpeg_draft=False, server_env=False),
+    "fp32": dict(numerics="fp32", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
+    "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
     # int8: the PT2E-quantized backbone as an AOTInductor package (handler/quantize.py), fp32 heads.
-    "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, malloc=True),
+    "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
 }  # and "auto": one of these per model (auto_mode), served from an archive that says auto
 
 
@@ -219,9 +218,9 @@ def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, bat
     archive(ckpt, store, graph=mode["graph"], batch_size=batch_size, batch_delay=batch_delay, workers=1,
             channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds,
             numerics=served, int8_data=int8_data if int8 and thresholds is None else None)
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-    if mode["malloc"]:
-        env.update(MALLOC_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
+    if mode["server_env"]:
+        env.update(SERVER_ENV)
     config = write_config(tmp / "config.properties", store)
     return start("mrl_resnet50", 180, root=tmp, config=config, model_store=store, env=env)
 
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", default=",".join(["imagenet", *BUNDLED]))
     p.add_argument("--modes", default="baseline,fp32,bf16,int8,auto")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batch-delay", type=int, default=5)
+    p.add_argument("--batch-delay", type=int, default=BATCH_DELAY_MS)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
     args = p.parse_args(argv)
     args.low_s, args.sat_s = (5, 8) if args.quick else (12, 18)

@@ -23,20 +23,25 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.run import (BUNDLED, MALLOC_ENV, MODES, ROOT, calibration_folder, cpu_busy, demo_inputs, imagenet_inputs,
+from bench.run import (BUNDLED, MODES, ROOT, calibration_folder, cpu_busy, demo_inputs, imagenet_inputs,
                        int8_for, machine, make_checkpoints, save_report, serve_phase)
 from handler.engine import configure_threads
 from model_store.build_archive import archive
-from model_store.serve import start, stop, write_config
+from model_store.serve import SERVER_ENV, start, stop, write_config
 
 VARIANTS = {
     "config": {},
     "jvm_default": {"overrides": {"vmargs": ""}},  # the JVM's own defaults: tiered C2, G1
     "netty1": {"overrides": {"number_of_netty_threads": "1", "netty_client_threads": "1"}},
     "omp_passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}},  # worker threads sleep, not spin, when idle
+    # libgomp's idle threads spin 300,000 rounds before they sleep where neither OMP_WAIT_POLICY nor
+    # GOMP_SPINCOUNT says (its default); SERVER_ENV has them spin 10,000 (model_store/serve.py).
+    "gomp_spin300k": {"env": {"GOMP_SPINCOUNT": "300000"}},
+    "gomp_spin10k": {"env": {"GOMP_SPINCOUNT": "10000"}},
     "batch16": {"batch_size": 16},
     "delay1": {"batch_delay": 1},
-    "delay0": {"batch_delay": 0},  # batch only what is queued when the worker frees (no wait)
+    "delay5": {"batch_delay": 5},
+    "ts_logging": {"start": {"log_config": None}},  # the log4j2 configuration inside TorchServe's jar
 }
 CLK = os.sysconf("SC_CLK_TCK")
 STAGE = re.compile(r'^(mrl_stage_seconds_sum|mrl_stage_seconds_count|mrl_batches_total|mrl_batch_items_total)'
@@ -124,17 +129,19 @@ def main(argv: list[str] | None = None) -> dict:
             v = VARIANTS[n]
             stores[n] = tmp / f"store-{n}"
             stores[n].mkdir()
-            archive(ckpt, stores[n], graph=mode["graph"], batch_size=v.get("batch_size", 8),
-                    batch_delay=v.get("batch_delay", 5), workers=1, thresholds=thresholds,
+            # batch size and delay: build_archive.py's defaults unless the variant says
+            archive(ckpt, stores[n], graph=mode["graph"], batch_size=v.get("batch_size"),
+                    batch_delay=v.get("batch_delay"), workers=1, thresholds=thresholds,
                     numerics=args.numerics if args.numerics == "int8" else None, int8_data=calib)
         for rnd in range(args.rounds):
             for n in (names if rnd % 2 == 0 else names[::-1]):  # ABBA: a drift lands on both sides
                 v = VARIANTS[n]
-                env = {**os.environ, **MALLOC_ENV, **v.get("env", {})}
+                env = {**os.environ, **SERVER_ENV, **v.get("env", {})}
                 config = write_config(tmp / "config.properties", stores[n], overrides=v.get("overrides"))
                 stop(tmp)
                 try:
-                    start("mrl_resnet50", 300, root=tmp, config=config, model_store=stores[n], env=env)
+                    start("mrl_resnet50", 300, root=tmp, config=config, model_store=stores[n], env=env,
+                          **v.get("start", {}))
                     serve_phase(tmp, bodies, 4, 4)  # the first requests
                     for i in range(args.phases):
                         for c in levels:

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 from bench.overload import percentiles
-from bench.run import DEMO, MALLOC_ENV, ROOT, demo_inputs, machine, save_report
+from bench.run import DEMO, ROOT, demo_inputs, machine, save_report
 from client.http import Client, run_load
 from model_store import cluster as cl
 from model_store.build_archive import archive
-from model_store.serve import processes, read_keys, start, stop, write_config
+from model_store.serve import SERVER_ENV, processes, read_keys, start, stop, write_config
 
 HEAD = b"POST /predictions/mrl_resnet50 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 KEY = "slowloris-" + "k" * 24
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")
         for target in args.targets.split(","):
             if target == "direct":
-                env = {**os.environ, **MALLOC_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
+                env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
                 ports = {"inference": args.port, "management": args.port + 1, "metrics": args.port + 2}
                 # Its own gRPC and worker ports (worker sockets are named by port, machine-wide),
                 # so that it runs beside another TorchServe.

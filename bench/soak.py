@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEMO, MALLOC_ENV, ROOT, demo_inputs, machine
+from bench.run import DEMO, ROOT, demo_inputs, machine
 from client.http import Client
 from model_store.build_archive import archive
-from model_store.serve import processes, read_keys, renew_key, start, stop, write_config
+from model_store.serve import SERVER_ENV, processes, read_keys, renew_key, start, stop, write_config
 
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
               "minutes": args.minutes, "sample_s": args.sample_s, "samples": [], "renewals": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        env = {**os.environ, **MALLOC_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
+        env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
         store = tmp / "store"
         store.mkdir()
         archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")

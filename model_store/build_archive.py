@@ -24,6 +24,14 @@ from handler.thresholds import load_thresholds, numerics_sets
 from retrieval.gallery import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
+# maxBatchDelay: how long the first request of a batch waits for company. Requests that queue while
+# a batch runs join the next one without waiting, so under load batches fill either way; a lone
+# request pays the whole delay. `python -m bench.server_tuning --variants delay5,delay1` (AMD EPYC
+# Zen 5, int8, docs/server_tuning_demo_delay_zen5.json, medians of two ABBA rounds): 1 ms against 5 ms
+# took one client from 9.8 to 5.0 ms and c=4 from 311 to 390 img/s on the demo model, and cost 8 % at
+# c=16 (811 against 883 img/s). A server mostly runs below saturation, so 1 ms. 0 is no option:
+# TorchServe 0.12 reads 0 in an archive as unset and waits 100 ms.
+BATCH_DELAY_MS = 1
 MODEL_CONFIG = """\
 # Written by model_store/build_archive.py. TorchServe reads the top block; the handler block is ours.
 minWorkers: {workers}
@@ -51,6 +59,9 @@ CAPTURE_CONFIG = """\
 
 
 def build(args: argparse.Namespace) -> Path:
+    if args.batch_delay < 1:  # TorchServe 0.12 takes 0 for "unset" and waits 100 ms (ModelManager)
+        raise ValueError(f"--batch-delay must be at least 1 ms, got {args.batch_delay}: "
+                         "TorchServe reads 0 as unset and waits 100 ms")
     if args.queue_size is not None and args.queue_size < 1:
         raise ValueError(f"--queue-size must be at least 1, got {args.queue_size}")
     ckpt = Path(args.checkpoint).resolve()
@@ -174,7 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", default="1.0")
     p.add_argument("--export-path", default=str(ROOT / "model_store"))
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batch-delay", type=int, default=5, help="maxBatchDelay in ms")
+    p.add_argument("--batch-delay", type=int, default=BATCH_DELAY_MS,
+                   help="maxBatchDelay in ms, at least 1 (a lone request waits this long)")
     p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
     p.add_argument("--numerics", default="card", choices=("card", "fp32", "bf16", "int8", "auto"),
                    help="what the workers serve: the card's, a mode, or auto (the fastest mode this CPU runs "

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.serve import ROOT, processes, start as start_server, stop as stop_server, wait_ready, write_config
+from model_store.serve import ROOT, SERVER_ENV, processes, start as start_server, stop as stop_server, wait_ready, write_config
 
 CLUSTER = ROOT / "logs" / "cluster"
 GATEWAY_PORT = 8080
@@ -66,11 +66,13 @@ class Replica:
     def env(self) -> dict[str, str]:
         """TMPDIR keys TorchServe's pid file, TEMP its Java temp dir (archives unpack there);
         MRL_THREADS splits the cores between replicas (spinning OpenMP threads of several
-        processes on the same cores cost 4.5x in throughput here, docs/scaling.md)."""
+        processes on the same cores cost 4.5x in throughput here, docs/scaling.md); the rest as
+        one server's (``SERVER_ENV``, which this environment may override)."""
         tmp = str(self.home / "tmp")
-        env = {**os.environ, "TMPDIR": tmp, "TEMP": tmp}
+        env = {**SERVER_ENV, **os.environ, "TMPDIR": tmp, "TEMP": tmp}
         if self.threads:
             env |= {"MRL_THREADS": str(self.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+            env.pop("GOMP_SPINCOUNT", None)  # it would override the passive policy's 0
         return env
 
 

@@ -24,6 +24,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))  # the one installed beside this Python
 MANAGEMENT = "http://127.0.0.1:8081"
+# The frontend's logging: TorchServe's files, without its DEBUG lines and a line per metric line and
+# per request (monitoring/log4j2.xml says what differs and why).
+LOG_CONFIG = ROOT / "monitoring" / "log4j2.xml"
+# The environment the frontend passes to its workers, where the caller's environment does not say:
+# - glibc malloc keeps freed activations mapped instead of returning them to the OS between batches
+#   (repeated page faults otherwise cost up to 2x at larger batches; docs/benchmarks.md);
+# - libgomp's idle compute threads spin 10,000 rounds, not its default 300,000, before they sleep:
+#   between batches that spinning held a core the frontend and the clients needed. `python -m
+#   bench.server_tuning --model han1000 --variants gomp_spin300k,gomp_spin10k,omp_passive` (AMD EPYC
+#   Zen 5, int8, docs/server_tuning_han1000_omp.json, two ABBA rounds, where the default was still
+#   called config): c=16 793 against 742 img/s, one client 5.7 against 6.5 ms, the worker at 1.35
+#   against 1.60 cores; never spinning (OMP_WAIT_POLICY=PASSIVE) was slower than both (666 img/s, 8.3 ms).
+SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+              "GOMP_SPINCOUNT": "10000"}
 INFERENCE = "http://127.0.0.1:8080"
 # The bundled models and the example each printed curl sends. config.properties loads every archive
 # in model_store: mrl_resnet50.mar always (`make serve` builds it), han1000.mar once you have trained
@@ -104,17 +118,21 @@ def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = M
 
 def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = None,
           model_store: Path | None = None, management: str = MANAGEMENT, env: dict[str, str] | None = None,
-          token: bool = True) -> float:
+          token: bool = True, log_config: Path | None = LOG_CONFIG) -> float:
     """Start TorchServe in the background (working directory ``root``: logs/ and key_file.json
     go there; ``env`` for the server and its workers, default ours) and block until ``model`` has a
-    READY worker. Returns seconds from ``torchserve --start`` to READY."""
+    READY worker. Returns seconds from ``torchserve --start`` to READY. ``env`` None: this
+    process's environment over ``SERVER_ENV``. ``log_config`` None: the log4j2 configuration inside
+    TorchServe's jar."""
     t0 = time.monotonic()
+    env = {**SERVER_ENV, **os.environ} if env is None else env
     (root / "key_file.json").unlink(missing_ok=True)  # a stale file would hold old tokens
     (root / "logs").mkdir(exist_ok=True)
     # The daemon inherits these handles: a file, so that no caller's pipe is held open by Java.
     with open(root / "logs" / "torchserve-start.log", "ab") as out:
         subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
-                        "--model-store", str(model_store or ROOT / "model_store")], cwd=root, env=env,
+                        "--model-store", str(model_store or ROOT / "model_store"),
+                        *(["--log-config", str(log_config)] if log_config else [])], cwd=root, env=env,
                        check=True, stdout=out, stderr=out)
     wait_ready(model, timeout, root, management, token)
     return time.monotonic() - t0

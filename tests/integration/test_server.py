@@ -2,6 +2,7 @@
 import concurrent.futures as cf
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -220,22 +221,51 @@ def test_v2_health_is_served_by_torchserve(tiny_server, path, key):
 
 def test_the_frontend_jvm_runs_with_the_configured_options(tiny_server):
     """config.properties' vmargs (C1 only, serial GC: bench/server_tuning.py) reach the frontend's JVM."""
-    from pathlib import Path
-
     from model_store.serve import ROOT
 
     vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), re.M).group(1).split()
     assert vmargs, "config.properties sets no vmargs"
-    frontends = []
+    frontends = _frontends()
+    assert len(frontends) == 1, frontends
+    assert set(vmargs) <= set(frontends[0]), (vmargs, frontends[0])
+
+
+def test_the_frontend_logs_with_the_projects_configuration(tiny_server, test_images):
+    """monitoring/log4j2.xml reaches the JVM: every request in the access log, none of TorchServe's
+    per-request, per-metric-line or DEBUG lines in ts_log.log, and each of its lines written once."""
+    from model_store.serve import LOG_CONFIG
+
+    frontend = next(argv for argv in _frontends())
+    assert f"-Dlog4j.configurationFile=file://{LOG_CONFIG}" in frontend, frontend
+    logs = tiny_server.root / "logs"
+    before = (logs / "access_log.log").read_text().count('"POST /predictions/')
+    client = tiny_server.client()
+    for body in test_images[:8]:
+        assert client.predict(body).status == 200
+    deadline = time.monotonic() + 10  # log4j writes on its own thread's schedule
+    while (logs / "access_log.log").read_text().count('"POST /predictions/') < before + 8:
+        assert time.monotonic() < deadline, "access_log.log is missing requests"
+        time.sleep(0.2)
+    ts_log = (logs / "ts_log.log").read_text().splitlines()
+    assert ts_log, "ts_log.log is empty"
+    for noise in ("Sending response for jobId", "result=[METRICS]", "[DEBUG]"):
+        assert not any(noise in line for line in ts_log), noise
+    records = [line for line in ts_log if re.match(r"\d{4}-\d\d-\d\dT", line)]  # not continuation lines
+    assert records and len(set(records)) == len(records)  # TorchServe's own configuration writes each twice
+
+
+def _frontends() -> list[list[str]]:
+    from pathlib import Path
+
+    out = []
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
         if "org.pytorch.serve.ModelServer" in argv:
-            frontends.append(argv)
-    assert len(frontends) == 1, frontends
-    assert set(vmargs) <= set(frontends[0]), (vmargs, frontends[0])
+            out.append(argv)
+    return out
 
 
 # Last in this module: it starts its own TorchServe, and stopping it stops tiny_server too.

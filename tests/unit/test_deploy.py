@@ -170,3 +170,17 @@ def test_the_kubernetes_validate_cli_agrees(tmp_path):
     bad.write_text(yaml.safe_dump(_broken("PodDisruptionBudget", lambda d: d["spec"].update(minAvailabe=1))))
     failed = subprocess.run(cli + [str(bad)], capture_output=True, text=True)
     assert failed.returncode != 0 and "minAvailabe" in failed.stdout + failed.stderr
+
+
+def test_the_image_runs_workers_and_logs_as_make_serve_does():
+    """The Dockerfile's ENV is model_store/serve.py's SERVER_ENV, and it starts TorchServe with the
+    project's log configuration, as make serve does."""
+    import re
+    import shlex
+
+    from model_store.serve import LOG_CONFIG, SERVER_ENV
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    env = dict(kv.split("=", 1) for kv in shlex.split(re.search(r"^ENV (.*)$", text, re.M).group(1)))
+    assert env == SERVER_ENV
+    assert f"monitoring/{LOG_CONFIG.name}" in text and f'"--log-config", "/srv/mrl-serve/{LOG_CONFIG.name}"' in text

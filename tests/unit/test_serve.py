@@ -1,4 +1,4 @@
-"""model_store.serve: what `make serve` serves is what model_store holds."""
+"""model_store.serve and build_archive: what `make serve` serves is what model_store holds, and how."""
 from model_store.serve import EXAMPLES, ROOT, served_models
 
 
@@ -17,3 +17,13 @@ def test_the_config_loads_every_archive_and_each_example_exists():
     assert settings["load_models"] == "all"  # han1000.mar only exists once its checkpoint is trained
     for example in EXAMPLES.values():
         assert (ROOT / "examples" / example).is_file()
+
+
+def test_an_archive_refuses_a_batch_delay_torchserve_would_read_as_100_ms(tmp_path):
+    import pytest
+
+    from model_store.build_archive import BATCH_DELAY_MS, build, parse_args
+
+    assert BATCH_DELAY_MS >= 1
+    with pytest.raises(ValueError, match="at least 1 ms, got 0.*100 ms"):
+        build(parse_args(["--checkpoint", str(tmp_path / "none.pt"), "--batch-delay", "0"]))
