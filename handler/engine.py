@@ -88,23 +88,49 @@ def isa_name(isa: dict[str, bool]) -> str:
 
 
 # ``auto``'s preference per CPU class, fastest first. AMX: int8 188 > bf16 131 img/s > fp32 for the
-# ResNet50 backbone at 224x224 (a probe on an AMX Xeon, ../shared/NOTES.md); AVX512-BF16 without
-# AMX: bf16 matmuls ran at half the fp32 rate at 224x224 (docs/benchmarks.md), so int8 (VNNI), then
-# fp32; AVX2: int8 with 7-bit activations 559 against fp32 305 img/s at batch 8 on the demo
-# (docs/graph_modes_demo.json) and 1.54x at the server (docs/numerics_demo.json).
+# ResNet50 backbone at 224x224 (a probe on an AMX Xeon, ../shared/NOTES.md); AVX2: int8 with 7-bit
+# activations 559 against fp32 305 img/s at batch 8 on the demo (docs/graph_modes_demo.json) and
+# 1.54x at the server (docs/numerics_demo.json). AVX512-BF16 without AMX: int8 (VNNI) first, then
+# whichever of fp32 and bf16 this CPU runs faster, which its flags do not tell: on an Intel Xeon
+# bf16 matmuls ran at half the fp32 rate (ImageNet-size server 17.7 against 25.7 img/s), on an AMD
+# EPYC Zen 5 at four times it (62.0 against 31.9; docs/benchmarks.md), so a worker measures it
+# (``bf16_matmul_speedup``). The order below is the one used when it is not measured.
 AUTO_ORDER = {"amx": ("int8", "bf16", "fp32"), "avx512_bf16": ("int8", "fp32", "bf16"),
               "vnni": ("int8", "fp32"), "avx2": ("int8", "fp32")}
+# bf16 goes before fp32 where its measured matmul rate is at least this many times fp32's (room for
+# a noisy probe; the two CPUs above sit at 0.5x and 4x).
+BF16_FASTER = 1.3
+
+
+def bf16_matmul_speedup(n: int = 512, repeat: int = 7) -> float:
+    """bf16 matmul rate over fp32's on this CPU: best of ``repeat`` (n x n) products each, about
+    20 ms on two cores. Decides fp32 against bf16 for ``auto`` where the flags cannot."""
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # oneDNN/MKL pick and cache their kernel on the first call
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(torch.float32) / best(torch.bfloat16)
+
+
 REQUESTS = ("card", "fp32", "bf16", "int8", "auto")
 
 
 def choose_numerics(requested: str, card_numerics: str, sets: dict[str, dict] | None, has_int8: bool,
-                    device: torch.device | str = "cpu", isa: dict[str, bool] | None = None) -> tuple[str, str]:
+                    device: torch.device | str = "cpu", isa: dict[str, bool] | None = None,
+                    bf16_speedup: float | None = None) -> tuple[str, str]:
     """(the numerics a worker serves, why). ``requested``: 'card' (the card's, bf16 falling back to
     fp32 without bf16 instructions), a mode, or 'auto': the first of ``AUTO_ORDER`` for this CPU
     that the thresholds hold a set for (``sets``: mode -> set; None when the model has no
     thresholds), that the device runs natively, and, for int8, whose set passed parity with fp32
     (fit_thresholds.py records it), whose activation range this CPU runs without saturating (8-bit
-    needs VNNI or AMX) and whose quantized backbone is in the archive."""
+    needs VNNI or AMX) and whose quantized backbone is in the archive. On an AVX512-BF16 CPU without
+    AMX, bf16 goes before fp32 where ``bf16_speedup`` is at least ``BF16_FASTER``; None measures it
+    (``bf16_matmul_speedup``), only when int8 is out and both float modes could serve."""
     if requested not in REQUESTS:
         raise ValueError(f"numerics must be one of {REQUESTS}, got {requested!r}")
     if requested == "card":
@@ -120,21 +146,34 @@ def choose_numerics(requested: str, card_numerics: str, sets: dict[str, dict] | 
     if torch.device(device).type != "cpu":
         return resolve_numerics(card_numerics, device), "auto on a non-CPU device: the card's"
     isa = cpu_isa() if isa is None else isa
-    skipped = []
-    for mode in AUTO_ORDER[isa_name(isa)]:
+
+    def skip_reason(mode: str) -> str | None:
         if sets is not None and mode not in sets:
-            skipped.append(f"{mode}: no thresholds set")
-        elif mode == "bf16" and not (isa["amx"] or isa["avx512_bf16"]):
-            skipped.append("bf16: no bf16 instructions")
-        elif mode == "int8" and not has_int8:
-            skipped.append("int8: no quantized backbone in the archive")
-        elif mode == "int8" and not (sets or {}).get("int8", {}).get("meta", {}).get("parity", {}).get("passed"):
-            skipped.append("int8: its thresholds set did not pass parity with fp32")
-        elif mode == "int8" and (sets or {}).get("int8", {}).get("meta", {}).get("int8_program", {}).get(
+            return f"{mode}: no thresholds set"
+        if mode == "bf16" and not (isa["amx"] or isa["avx512_bf16"]):
+            return "bf16: no bf16 instructions"
+        if mode == "int8" and not has_int8:
+            return "int8: no quantized backbone in the archive"
+        if mode == "int8" and not (sets or {}).get("int8", {}).get("meta", {}).get("parity", {}).get("passed"):
+            return "int8: its thresholds set did not pass parity with fp32"
+        if mode == "int8" and (sets or {}).get("int8", {}).get("meta", {}).get("int8_program", {}).get(
                 "reduce_range") is False and not (isa["vnni"] or isa["amx"]):
-            skipped.append("int8: its set was fit with 8-bit activations, which saturate without VNNI")
-        else:
-            return mode, f"auto on {isa_name(isa)}" + (f" ({'; '.join(skipped)})" if skipped else "")
+            return "int8: its set was fit with 8-bit activations, which saturate without VNNI"
+        return None
+
+    order, skipped, measured = list(AUTO_ORDER[isa_name(isa)]), [], ""
+    for i, mode in enumerate(order):
+        if mode != "int8" and isa_name(isa) == "avx512_bf16" and not measured and \
+                skip_reason("fp32") is None and skip_reason("bf16") is None:
+            # Both float modes could serve: the faster one here first (measured once, only now
+            # that int8 is out of the running).
+            speedup = bf16_matmul_speedup() if bf16_speedup is None else bf16_speedup
+            order[i:] = ["bf16", "fp32"] if speedup >= BF16_FASTER else ["fp32", "bf16"]
+            mode, measured = order[i], f"; bf16 matmuls at {speedup:.2f}x fp32's here"
+        reason = skip_reason(mode)
+        if reason is None:
+            return mode, f"auto on {isa_name(isa)}" + (f" ({'; '.join(skipped)})" if skipped else "") + measured
+        skipped.append(reason)
     raise ValueError(f"auto found no numerics to serve on {isa_name(isa)}: {'; '.join(skipped)}")
 
 

@@ -39,6 +39,29 @@ def test_auto_takes_the_fastest_mode_this_cpu_runs_that_has_a_set():
     assert choose_numerics("auto", "fp32", None, True, isa=AVX2)[0] == "fp32"
 
 
+def test_auto_orders_fp32_and_bf16_by_what_this_cpu_measures(monkeypatch):
+    """AVX512-BF16 without AMX: bf16 ran at half fp32's rate on a Xeon and at four times it on a
+    Zen 5, so the flags cannot order them; the worker measures, and only when it has to."""
+    from handler import engine
+
+    BF16 = {**AMX, "amx": False}
+    floats = {"fp32": {}, "bf16": {}}
+    mode, why = choose_numerics("auto", "fp32", floats, False, isa=BF16, bf16_speedup=4.0)
+    assert mode == "bf16" and "bf16 matmuls at 4.00x fp32's here" in why
+    assert choose_numerics("auto", "bf16", floats, False, isa=BF16, bf16_speedup=0.5)[0] == "fp32"
+    assert choose_numerics("auto", "bf16", {"bf16": {}}, False, isa=BF16, bf16_speedup=0.5)[0] == "bf16"
+
+    def no_probe():
+        raise AssertionError("measured although int8 serves, or only one float mode could")
+
+    monkeypatch.setattr(engine, "bf16_matmul_speedup", no_probe)
+    assert choose_numerics("auto", "fp32", {**floats, "int8": PASSED}, True, isa=BF16)[0] == "int8"
+    assert choose_numerics("auto", "fp32", {"fp32": {}}, True, isa=BF16)[0] == "fp32"
+    assert choose_numerics("auto", "fp32", floats, False, isa=AMX)[0] == "bf16"  # AMX: from the flags
+    monkeypatch.setattr(engine, "bf16_matmul_speedup", lambda: 2.0)
+    assert choose_numerics("auto", "fp32", None, True, isa=BF16)[0] == "bf16"  # no thresholds: any float mode
+
+
 def test_explicit_numerics():
     assert choose_numerics("card", "fp32", None, False)[0] == "fp32"
     assert choose_numerics("fp32", "bf16", None, False)[0] == "fp32"
