@@ -12,7 +12,9 @@ NUMERICS ?= card
 # make serve REPLICAS=3: that many TorchServe instances behind an HAProxy gateway with API keys.
 REPLICAS ?= 1
 # glibc malloc: keep freed activations mapped instead of returning them to the OS between batches
-# (measured in bench/: repeated page faults otherwise cost up to 2x at larger batches).
+# (measured in bench/: repeated page faults otherwise cost up to 2x at larger batches), for the
+# in-process commands (training, calibration, the benchmark's raw pipeline). TorchServe's workers
+# get it, with the rest of their environment, from model_store/serve.py's SERVER_ENV.
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
