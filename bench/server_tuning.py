@@ -42,6 +42,7 @@ VARIANTS = {
     "delay1": {"batch_delay": 1},
     "delay5": {"batch_delay": 5},
     "ts_logging": {"start": {"log_config": None}},  # the log4j2 configuration inside TorchServe's jar
+    "workers2": {"workers": 2},  # build_archive.py's default: two workers, the cores split between them
 }
 CLK = os.sysconf("SC_CLK_TCK")
 STAGE = re.compile(r'^(mrl_stage_seconds_sum|mrl_stage_seconds_count|mrl_batches_total|mrl_batch_items_total)'
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             stores[n].mkdir()
             # batch size and delay: build_archive.py's defaults unless the variant says
             archive(ckpt, stores[n], graph=mode["graph"], batch_size=v.get("batch_size"),
-                    batch_delay=v.get("batch_delay"), workers=1, thresholds=thresholds,
+                    batch_delay=v.get("batch_delay"), workers=v.get("workers", 1), thresholds=thresholds,
                     numerics=args.numerics if args.numerics == "int8" else None, int8_data=calib)
         for rnd in range(args.rounds):
             for n in (names if rnd % 2 == 0 else names[::-1]):  # ABBA: a drift lands on both sides
