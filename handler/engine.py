@@ -161,15 +161,15 @@ def choose_numerics(requested: str, card_numerics: str, sets: dict[str, dict] | 
             return "int8: its set was fit with 8-bit activations, which saturate without VNNI"
         return None
 
-    order, skipped, measured = list(AUTO_ORDER[isa_name(isa)]), [], ""
-    for i, mode in enumerate(order):
-        if mode != "int8" and isa_name(isa) == "avx512_bf16" and not measured and \
-                skip_reason("fp32") is None and skip_reason("bf16") is None:
-            # Both float modes could serve: the faster one here first (measured once, only now
-            # that int8 is out of the running).
-            speedup = bf16_matmul_speedup() if bf16_speedup is None else bf16_speedup
-            order[i:] = ["bf16", "fp32"] if speedup >= BF16_FASTER else ["fp32", "bf16"]
-            mode, measured = order[i], f"; bf16 matmuls at {speedup:.2f}x fp32's here"
+    order, skipped, measured = AUTO_ORDER[isa_name(isa)], [], ""
+    if isa_name(isa) == "avx512_bf16" and skip_reason("int8") is not None and \
+            skip_reason("fp32") is None and skip_reason("bf16") is None:
+        # int8 is out and both float modes could serve: the faster one on this CPU first.
+        speedup = bf16_matmul_speedup() if bf16_speedup is None else bf16_speedup
+        order = ("bf16", "fp32") if speedup >= BF16_FASTER else ("fp32", "bf16")
+        skipped.append(skip_reason("int8"))
+        measured = f"; bf16 matmuls at {speedup:.2f}x fp32's here"
+    for mode in order:
         reason = skip_reason(mode)
         if reason is None:
             return mode, f"auto on {isa_name(isa)}" + (f" ({'; '.join(skipped)})" if skipped else "") + measured

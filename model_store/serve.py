@@ -39,9 +39,9 @@ LOG_CONFIG = ROOT / "monitoring" / "log4j2.xml"
 SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
               "GOMP_SPINCOUNT": "10000"}
 INFERENCE = "http://127.0.0.1:8080"
-# The bundled models and the example each printed curl sends. config.properties loads every archive
-# in model_store: mrl_resnet50.mar always (`make serve` builds it), han1000.mar once you have trained
-# its checkpoint (README, "han1000: printed Han characters"), which git does not carry.
+# The bundled models and the example each printed curl sends. config.properties loads their archives
+# by name (load_models): mrl_resnet50.mar always (`make serve` builds it), han1000.mar once you have
+# trained its checkpoint (README, "han1000: printed Han characters"), which git does not carry.
 EXAMPLES = {"mrl_resnet50": "ankle_boot.png", "han1000": "han1000/hard_1.png"}
 
 
