@@ -155,6 +155,9 @@ class MRLService:
                 index.append(i)
             except InputError as exc:
                 out[i] = self._error(exc, v2=i in v2)
+            except Exception:  # a fault of ours while reading this item: it alone gets a 500
+                log.exception("reading item %d of a batch of %d failed", i, len(items))
+                out[i] = self._internal_error("reading the request", v2=i in v2)
         t1 = time.perf_counter()
         self.sink.emit("mrl_stage_seconds", t1 - t0, (self.name, "decode"))
 
@@ -175,10 +178,7 @@ class MRLService:
             except Exception:  # the batch's fault, not a request's: 500 for these items only
                 log.exception("inference failed for a batch of %d", len(crops))
                 for i in index:
-                    message = "inference failed; the error is in the server log"
-                    out[i] = (500, {"error": message} if i in v2 else
-                              {"code": 500, "type": "InternalServerError", "message": message})
-                    self.sink.emit("mrl_request_errors_total", 1, (self.name, "internal"))
+                    out[i] = self._internal_error("inference", v2=i in v2)
         if self.capture is not None:  # the writer's outcomes since the last batch, as counters
             for outcome, n in self.capture.take_counts().items():
                 self.sink.emit("mrl_capture_records_total", n, (self.name, outcome))
@@ -212,6 +212,11 @@ class MRLService:
     def _error(self, exc: InputError, v2: bool = False) -> tuple[int, dict]:
         self.sink.emit("mrl_request_errors_total", 1, (self.name, exc.reason))
         return exc.status, v2_error(exc) if v2 else exc.to_json()
+
+    def _internal_error(self, what: str, v2: bool = False) -> tuple[int, dict]:
+        self.sink.emit("mrl_request_errors_total", 1, (self.name, "internal"))
+        message = f"{what} failed; the error is in the server log"
+        return 500, {"error": message} if v2 else {"code": 500, "type": "InternalServerError", "message": message}
 
     def _answer(self, probs: torch.Tensor, emb: torch.Tensor,
                 opts: list[Options]) -> tuple[list[dict], CascadeResult]:

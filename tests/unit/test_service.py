@@ -2,12 +2,16 @@
 import base64
 
 import pytest
+from PIL import Image
 from prometheus_client import CollectorRegistry
 
+import handler.service as service_module
 from handler.checkpoint import load_mrl_resnet50
 from handler.metrics import PrometheusSink
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
+from tests.corpus import encode
+from tests.unit.test_oip import v2
 
 FIELDS = {"label", "class_index", "confidence", "embedding_dim", "sizes_tried", "operating_point", "top_k"}
 
@@ -69,6 +73,51 @@ def test_one_bad_item_fails_alone(service, gray_png):
     for status, body in (results[0], results[2]):
         assert body["label"] == alone["label"] and body["embedding_dim"] == alone["embedding_dim"]
         assert body["confidence"] == pytest.approx(alone["confidence"], abs=1e-5)
+
+
+def test_an_unexpected_fault_reading_one_item_fails_that_item_alone(tiny_checkpoint, gray_png, monkeypatch):
+    """A fault of ours (not InputError) while decoding one item answers that item 500, in its own
+    protocol's form; the batch's other items are answered as they would be alone."""
+    real = service_module.crop_image
+
+    def crop(img, spec, **kw):
+        if img.size == (3, 5):
+            raise RuntimeError("a decoder bug")
+        return real(img, spec, **kw)
+
+    monkeypatch.setattr(service_module, "crop_image", crop)
+    registry = CollectorRegistry()
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), name="m", sink=PrometheusSink(registry))
+    odd = encode(Image.new("L", (3, 5), 128), "PNG")
+    alone = svc.handle([{"body": gray_png}])[0][1]
+    results = svc.handle([{"body": gray_png}, {"body": odd}, v2(odd), {"body": b""}, {"body": gray_png}])
+    assert [s for s, _ in results] == [200, 500, 500, 400, 200]
+    assert results[1][1]["code"] == 500 and results[1][1]["type"] == "InternalServerError"
+    assert set(results[2][1]) == {"error"} and "server log" in results[2][1]["error"]
+    for _, body in (results[0], results[4]):
+        assert (body["label"], body["embedding_dim"]) == (alone["label"], alone["embedding_dim"])
+        assert body["confidence"] == pytest.approx(alone["confidence"], abs=1e-5)
+    errors = {r: registry.get_sample_value("mrl_request_errors_total", {"model_name": "m", "reason": r})
+              for r in ("internal", "empty")}
+    assert errors == {"internal": 2, "empty": 1}
+
+
+def test_a_failed_forward_answers_500_for_its_items_and_keeps_the_bad_items_400(tiny_checkpoint, gray_png,
+                                                                                 monkeypatch):
+    registry = CollectorRegistry()
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), name="m", sink=PrometheusSink(registry))
+
+    def boom(batch):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(svc, "engine", boom)
+    results = svc.handle([{"body": gray_png}, {"body": b""}, {"body": gray_png}])
+    assert [s for s, _ in results] == [500, 400, 500]
+    assert results[0][1] == {"code": 500, "type": "InternalServerError",
+                             "message": "inference failed; the error is in the server log"}
+    assert registry.get_sample_value("mrl_request_errors_total", {"model_name": "m", "reason": "internal"}) == 2
 
 
 def test_urlencoded_body_is_refused_with_415(service, gray_png):
