@@ -50,8 +50,8 @@ archive: env
 	$(PY) model_store/build_archive.py --checkpoint $(CHECKPOINT) \
 		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH) --numerics $(NUMERICS)
 
-# The second bundled model: 1000 printed Han characters (model_store/han1000, README). Its
-# checkpoint is trained here (about 4.4 h) and not carried by git; without it there is no archive.
+# The second bundled model: 1000 printed Han characters (model_store/han1000, README). Git carries
+# its fp16 checkpoint; a tree without it (a retraining in progress) serves the demo model alone.
 HAN1000 := model_store/han1000
 archive-han1000: env
 	@if [ -f $(HAN1000)/mrl_resnet50_fp16.pt ]; then \
@@ -60,8 +60,7 @@ archive-han1000: env
 	else \
 		rm -f model_store/han1000.mar; \
 		echo "han1000: no $(HAN1000)/mrl_resnet50_fp16.pt, so only the demo model is served;"; \
-		echo "  train it with the commands in README.md, 'han1000: printed Han characters' (about 4.4 h here)."; \
-		echo "  A full clone restores the committed one: git show bf3e484:$(HAN1000)/mrl_resnet50_fp16.pt > $(HAN1000)/mrl_resnet50_fp16.pt"; \
+		echo "  git checkout -- $(HAN1000)/mrl_resnet50_fp16.pt restores the committed one."; \
 	fi
 
 serve: archive archive-han1000
