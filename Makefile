@@ -32,7 +32,7 @@ help:
 	@echo "make archive-han1000   build model_store/han1000.mar, once its checkpoint is trained (README)"
 	@echo "make monitor   start Prometheus scraping the running server"
 	@echo "make bench     the benchmark (docs/benchmarks.md)"
-	@echo "make parity    bf16 (where the CPU has it) and int8 against fp32 (docs/parity*.json)"
+	@echo "make parity    bf16 (where the CPU has it) and int8 against fp32 (docs/results/parity*.json)"
 
 # The set-up step: Debian packages (JRE, data, Prometheus, fonts). Quick when all are there.
 setup:

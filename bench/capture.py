@@ -1,7 +1,7 @@
 """What traffic capture costs a request: the same model served twice by one TorchServe, with
 capture off and on, measured in alternating phases (ABBA) in one run.
 
-    python -m bench.capture [--pairs 4] [--phase-s 12] [--model demo|han1000]   # docs/capture.json
+    python -m bench.capture [--pairs 4] [--phase-s 12] [--model demo|han1000]   # docs/results/capture.json
 
 Two archives of one checkpoint and thresholds, ``plain`` (capture off) and ``captured`` (capture
 on, into a temporary folder), are loaded side by side, one worker each; phases alternate between
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--phase-s", type=float, default=12.0)
     p.add_argument("--concurrency", type=int, default=8, help="clients in the saturation phases")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default=str(ROOT / "docs" / "capture.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "capture.json"))
     args = p.parse_args(argv)
     folder, spec = BUNDLED[args.model]
     ckpt, thresholds = folder / "mrl_resnet50_fp16.pt", folder / "thresholds.json"

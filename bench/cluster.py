@@ -2,7 +2,7 @@
 1 and N replicas side by side in one run, normal clients' latency with and without slow-loris
 clients, and a kill drill (SIGKILL one whole instance under load).
 
-    python -m bench.cluster                  # writes docs/scaling.json, prints the figures
+    python -m bench.cluster                  # writes docs/results/scaling.json, prints the figures
     python -m bench.cluster --duration 10    # shorter phases
 
 The bundled Fashion-MNIST model (jit graph, as `make serve` builds it), PNG requests from
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load phase")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "scaling.json")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scaling.json")
     args = p.parse_args(argv)
     images = demo_inputs(200)
     report: dict = {"machine": machine(), "command": "python -m bench.cluster", "model": "fashion_mnist (jit)",

@@ -2,7 +2,7 @@
 gallery, asked alternately (ABBA) for the class alone and for the class plus its 10 nearest
 gallery items, in one run.
 
-    python -m bench.neighbors --gallery galleries/han-100k [--pairs 4] [--phase-s 15]   # docs/neighbors.json
+    python -m bench.neighbors --gallery galleries/han-100k [--pairs 4] [--phase-s 15]   # docs/results/neighbors.json
 
 Per phase: one client's p50/p99 (latency is the question, so one request at a time). Requests
 are the first 64 han1000:test images (never in a gallery built from train or gallery renders).
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pairs", type=int, default=4, help="ABBA pairs of phases per request kind")
     p.add_argument("--phase-s", type=float, default=15.0)
     p.add_argument("--exact", action="store_true", help="also time funnel=exact (brute force at 2048)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "neighbors.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "neighbors.json"))
     args = p.parse_args(argv)
     if "han1000" not in BUNDLED:
         raise SystemExit("bench.neighbors serves the han1000 model: train its checkpoint first (README, han1000)")

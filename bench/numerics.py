@@ -2,8 +2,8 @@
 CPU has it, int8, auto), served by one TorchServe, measured in alternating phases in one run; then
 each archive's cold start, from `torchserve --start` to the first answer, with a warm cache.
 
-    python -m bench.numerics [--model demo] [--pairs 3] [--phase-s 12]   # docs/numerics_<model>.json
-    python -m bench.numerics --graphs [--model demo]   # in process, per graph mode: docs/graph_modes_<model>.json
+    python -m bench.numerics [--model demo] [--pairs 3] [--phase-s 12]   # docs/results/numerics_<model>.json
+    python -m bench.numerics --graphs [--model demo]   # in process, per graph mode: docs/results/graph_modes_<model>.json
 
 Per phase: saturation throughput with 8 clients and one client's p50. The report gives medians over
 the phases, each mode's ratio to fp32, what ``auto`` chose on this CPU (its worker's log line), and
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--phase-s", type=float, default=12.0)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--graphs", action="store_true",
-                   help="instead: each numerics in each graph mode, in process (docs/graph_modes_<model>.json)")
+                   help="instead: each numerics in each graph mode, in process (docs/results/graph_modes_<model>.json)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     folder, spec = BUNDLED[args.model]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = {"machine": {**machine(), "isa": isa_name(isa)}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "command": "python -m bench.numerics " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "model": args.model, **graph_modes(ckpt, thresholds)}
-        return save_report(report, args.out or str(ROOT / "docs" / f"graph_modes_{args.model}.json"), report)
+        return save_report(report, args.out or str(ROOT / "docs" / "results" / f"graph_modes_{args.model}.json"), report)
     modes = ["fp32", *(["bf16"] if bf16_supported(__import__("torch").device("cpu")) else []), "int8", "auto"]
     bodies = demo_inputs(spec=spec)
     isa = cpu_isa()
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = summary["fp32"]["saturation_img_s"]
     ratios = {m: s["saturation_img_s"] / base for m, s in summary.items()}
     report.update(phases=phases, summary=summary, ratios_to_fp32=ratios)
-    out = args.out or str(ROOT / "docs" / f"numerics_{args.model}.json")
+    out = args.out or str(ROOT / "docs" / "results" / f"numerics_{args.model}.json")
     return save_report(report, out, {"machine": report["machine"]["cpu"], "isa": report["machine"]["isa"],
                                      "summary": summary, "ratios_to_fp32": ratios})
 

@@ -1,7 +1,7 @@
 """Overload: open-loop arrivals at 1x, 2x and 4x the measured saturation rate, in one run.
 
     python -m bench.overload [--model imagenet|demo] [--multiples 1,2,4] [--phase-s 60] [--queue-wait-s 0.5]
-                                                                               # docs/overload.json
+                                                                               # docs/results/overload.json
 
 The server first runs closed-loop (8 clients, ``--sat-s``) to measure its saturation rate R. The
 archive is then rebuilt with a job queue sized to ``--queue-wait-s`` x R requests (jobQueueSize),
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--queue-wait-s", type=float, default=0.5,
                    help="the job queue holds this many seconds of work at the saturation rate")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default=str(ROOT / "docs" / "overload.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "overload.json"))
     args = p.parse_args(argv)
     multiples = [float(m) for m in args.multiples.split(",")]
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

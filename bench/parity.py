@@ -1,6 +1,6 @@
 """Parity of bf16 against fp32 serving numerics on the demo model, over Fashion-MNIST test.
 
-    python -m bench.parity                      # writes docs/parity.json and prints a table
+    python -m bench.parity                      # writes docs/results/parity.json and prints a table
 
 One checkpoint, the serving graph (traced + frozen), run once with fp32 and once with bf16 autocast.
 Reported per nesting size: top-1 in each mode and the share of images whose bf16 prediction equals
@@ -97,16 +97,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default="fashion-mnist:test")
     p.add_argument("--no-cache", action="store_true", help="always run the forward passes")
     p.add_argument("--mode", choices=("bf16", "int8"), default="bf16")
-    p.add_argument("--out", default=None, help="default docs/parity.json (bf16), docs/parity_int8_<model>.json")
+    p.add_argument("--out", default=None, help="default docs/results/parity.json (bf16), docs/results/parity_int8_<model>.json")
     args = p.parse_args(argv)
     if args.mode == "int8":
-        out = args.out or str(ROOT / "docs" / f"parity_int8_{Path(args.checkpoint).parent.name}.json")
+        out = args.out or str(ROOT / "docs" / "results" / f"parity_int8_{Path(args.checkpoint).parent.name}.json")
         report = int8_parity(args, None if args.no_cache else DEFAULT_CACHE)
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         print(markdown(report))
         print(f"wrote {out}")
         return report
-    args.out = args.out or str(ROOT / "docs" / "parity.json")
+    args.out = args.out or str(ROOT / "docs" / "results" / "parity.json")
     if not bf16_supported(torch.device("cpu")):
         raise SystemExit("this CPU has no bf16 support: nothing to compare")
     cache = None if args.no_cache else DEFAULT_CACHE

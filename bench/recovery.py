@@ -1,7 +1,7 @@
 """Recovery from a killed worker, and 1 worker against 2, in one run.
 
     python -m bench.recovery [--model demo|imagenet] [--workers 1,2] [--kills 3] [--clients 8]
-                                                                              # docs/recovery.json
+                                                                              # docs/results/recovery.json
 
 For each worker count: one archive, one TorchServe on 127.0.0.1. Closed-loop throughput from
 ``--clients`` clients first, then ``--kills`` times: the same load runs, one worker gets SIGKILL
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--load-s", type=float, default=20.0, help="each kill's load phase (the kill is 3 s in)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-graph-cache", action="store_true", help="every restarted worker traces its graph again")
-    p.add_argument("--out", default=str(ROOT / "docs" / "recovery.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "recovery.json"))
     args = p.parse_args(argv)
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m bench.recovery " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,6 +1,6 @@
 """Turn bench/run.py's JSON into docs/benchmarks.md tables and a plot.
 
-    python -m bench.report docs/benchmarks.json      # writes docs/benchmarks_tables.md and benchmarks.png
+    python -m bench.report docs/results/benchmarks.json      # writes docs/results/benchmarks_tables.md and benchmarks.png
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def plot(report: dict, png: Path) -> None:
 
 
 if __name__ == "__main__":
-    src = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks.json")
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/benchmarks.json")
     rep = json.loads(src.read_text())
     src.with_name(src.stem + "_tables.md").write_text(tables(rep))
     plot(rep, src.with_suffix(".png"))

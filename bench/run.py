@@ -1,6 +1,6 @@
 """The benchmark: raw in-process pipeline vs TorchServe end to end vs the usual recipe, side by side.
 
-    python -m bench.run                 # full run (27 minutes on 2 cores with three models), writes docs/benchmarks.json
+    python -m bench.run                 # full run (27 minutes on 2 cores with three models), writes docs/results/benchmarks.json
     python -m bench.run --quick         # shorter phases, for a smoke check
 
 Every figure comes from this one run on this machine: medians and ratios, with the CPU named.
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modes", default="baseline,fp32,bf16,int8,auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=BATCH_DELAY_MS)
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "benchmarks.json"))
     args = p.parse_args(argv)
     args.low_s, args.sat_s = (5, 8) if args.quick else (12, 18)
     args.concurrency = (4, 16) if args.quick else (4, 8, 16)

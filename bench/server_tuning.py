@@ -6,7 +6,7 @@ decode, forward, cascade per batch), its mean batch and busy share, and each pro
 
     python -m bench.server_tuning [--model imagenet|demo|han1000] [--numerics int8] [--rounds 2]
                                   [--variants config,jvm_default] [--concurrency 1,16]
-                                  # docs/server_tuning_<model>.json
+                                  # docs/results/server_tuning_<model>.json
 
 Variants (``VARIANTS``): ``config`` is config.properties as committed; the others change one
 thing against it. A setting stays in config.properties only if this benchmark shows it.
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         for n in names:
             summary[f"{n}/c{c}"]["vs_first"] = summary[f"{n}/c{c}"]["img_s"] / summary[f"{names[0]}/c{c}"]["img_s"]
     report["summary"] = summary
-    out = args.out or ROOT / "docs" / f"server_tuning_{args.model}.json"
+    out = args.out or ROOT / "docs" / "results" / f"server_tuning_{args.model}.json"
     return save_report(report, out, {"machine": report["machine"], "summary": summary})
 
 

@@ -2,7 +2,7 @@
 head one byte at a time, against TorchServe directly and through the HAProxy gateway, in one run.
 
     python -m bench.slowloris [--connections 1000] [--phase-s 20] [--targets direct,gateway]
-                                                                           # docs/slowloris.json
+                                                                           # docs/results/slowloris.json
 
 Per target, three phases of ``--clients`` normal closed-loop clients (quiet, attacked, quiet
 again: ABA, so that drift shows), while in the middle one ``--connections`` slow connections
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--targets", default="direct,gateway")
     p.add_argument("--port", type=int, default=18380, help="direct: TorchServe's inference port (+1, +2 the others); "
                                                             "gateway: its port, the replica's from +100")
-    p.add_argument("--out", default=str(ROOT / "docs" / "slowloris.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "slowloris.json"))
     args = p.parse_args(argv)
     if not 1 <= args.connections <= 5000:
         p.error("--connections must be in 1..5000")

@@ -1,6 +1,6 @@
 """A soak: a real TorchServe under steady mixed traffic for N minutes, sampled every 30 s.
 
-    python -m bench.soak --minutes 75                  # docs/soak.json and docs/soak.png
+    python -m bench.soak --minutes 75                  # docs/results/soak.json and docs/results/soak.png
     python -m bench.soak --minutes 1 --sample-s 10 --renew-after-s 30 --out /tmp/soak.json   # CI
 
 ``--clients`` threads (default 12) send a fixed mix: valid PNGs of the demo model's test set,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-s", type=float, default=30.0)
     p.add_argument("--renew-after-s", type=float, default=50 * 60)
     p.add_argument("--port", type=int, default=8080, help="inference port; management +1, metrics +2")
-    p.add_argument("--out", default=str(ROOT / "docs" / "soak.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "soak.json"))
     args = p.parse_args(argv)
     args.inference = f"http://127.0.0.1:{args.port}"
     args.management = f"http://127.0.0.1:{args.port + 1}"
