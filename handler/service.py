@@ -30,6 +30,9 @@ from handler.thresholds import OperatingPoints, numerics_sets, parse_thresholds
 
 log = logging.getLogger(__name__)
 FIXED_DIM = "fixed_dim"  # operating_point reported (and used as metric label) for dim= requests
+# funnel=exact scans every gallery item at 2048 dims (about 1.5 s a query at 100,000 items on 2
+# cores): any client could ask for it, so above this many items a server must enable it.
+EXACT_MAX_ITEMS = 10_000
 
 
 class MRLService:
@@ -41,7 +44,10 @@ class MRLService:
                  channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True,
                  capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None,
                  gallery=None, graph_cache: str | Path | None = None, numerics: str | None = None,
-                 int8_program=None) -> None:
+                 int8_program=None, exact_max_items: int = EXACT_MAX_ITEMS) -> None:
+        if not isinstance(exact_max_items, int) or exact_max_items < 0:
+            raise ValueError(f"exact_max_items must be an integer >= 0, got {exact_max_items!r}")
+        self.exact_max_items = exact_max_items
         self.card, self.points, self.name = card, points, name
         self.nesting = card.nesting
         self.sink = sink or NullSink()
@@ -149,6 +155,7 @@ class MRLService:
                 else:
                     data, opt = parse_item(item, **kw, headers=headers[i] if headers else None,
                                            model_name=self.name)
+                self._check_search(opt)
                 img = decode_image(data, max_pixels=self.max_pixels)
                 crops.append(crop_image(img, self.card.preprocessing, draft=self.jpeg_draft))
                 opts.append(opt)
@@ -169,10 +176,12 @@ class MRLService:
                 t3 = time.perf_counter()
                 self.sink.emit("mrl_stage_seconds", t2 - t1, (self.name, "forward"))
                 self.sink.emit("mrl_stage_seconds", t3 - t2, (self.name, "cascade"))
-                if self.gallery is not None:  # timed apart: mrl_retrieval_seconds
-                    self._neighbors(emb, opts, answers)
-                for i, answer in zip(index, answers):
-                    out[i] = (200, v2_response(answer, v2[i], self.name) if i in v2 else answer)
+                failed = self._neighbors(emb, opts, answers) if self.gallery is not None else set()
+                for j, (i, answer) in enumerate(zip(index, answers)):
+                    if j in failed:  # its search failed: this request alone gets a 500
+                        out[i] = self._internal_error("the neighbors search", v2=i in v2)
+                    else:
+                        out[i] = (200, v2_response(answer, v2[i], self.name) if i in v2 else answer)
                 if self.capture is not None:  # answered: a copy into a queue, a writer thread does the rest
                     self.capture.record(result.size_conf.float().numpy(), result.size_label.numpy())
             except Exception:  # the batch's fault, not a request's: 500 for these items only
@@ -184,30 +193,55 @@ class MRLService:
                 self.sink.emit("mrl_capture_records_total", n, (self.name, outcome))
         return out  # type: ignore[return-value]
 
-    def _neighbors(self, emb: torch.Tensor, opts: list[Options], answers: list[dict]) -> None:
-        """Answer neighbors requests from the gallery: one search per funnel per batch."""
-        from retrieval.search import search  # only reached with a gallery (parse_options checks)
+    def _check_search(self, opt: Options) -> None:
+        """Refuse a full scan of a gallery larger than the server allows (EXACT_MAX_ITEMS)."""
+        if opt.neighbors is not None and opt.funnel == "exact" and len(self.gallery) > self.exact_max_items:
+            raise InputError(f"funnel=exact scans all {len(self.gallery)} gallery items; this server allows "
+                             f"it up to {self.exact_max_items} (handler setting exact_max_items); use "
+                             "funnel=rerank, the default", reason="bad_option")
 
-        wanted: dict[str, list[int]] = {}
+    def _neighbors(self, emb: torch.Tensor, opts: list[Options], answers: list[dict]) -> set[int]:
+        """Answer neighbors requests from the gallery: one search per funnel and k in the batch, so
+        that each answer's neighbours, stages and MFLOPs are those of its own request. Returns the
+        positions whose search failed (each one answered 500 alone)."""
+        groups: dict[tuple[str, int], list[int]] = {}
         for j, o in enumerate(opts):
             if o.neighbors is not None:
-                wanted.setdefault(o.funnel, []).append(j)
-        for funnel, rows in wanted.items():
-            t0 = time.perf_counter()
-            k = max(opts[j].neighbors for j in rows)
-            r = search(self.gallery, emb[rows].float().cpu().numpy(), k, funnel)
-            self.sink.emit("mrl_retrieval_seconds", time.perf_counter() - t0, (self.name, funnel))
-            self.sink.emit("mrl_retrieval_queries_total", len(rows), (self.name, funnel))
-            for stage in r.stages:
-                self.sink.emit("mrl_retrieval_candidates_total", stage["candidates"] * len(rows),
-                               (self.name, funnel, str(stage["dim"])))
-            classes = self.card.classes
-            for i, j in enumerate(rows):
-                n = opts[j].neighbors
-                answers[j]["neighbors"] = [
-                    {"id": int(self.gallery.ids[g]), "label": classes[int(self.gallery.labels[g])], "score": float(sc)}
-                    for g, sc in zip(r.index[i, :n], r.score[i, :n])]
-                answers[j]["retrieval"] = {"funnel": funnel, "stages": r.stages, "mflops": r.flops / 1e6}
+                groups.setdefault((o.funnel, o.neighbors), []).append(j)
+        failed: set[int] = set()
+        for (funnel, k), rows in groups.items():
+            try:
+                self._search(emb, rows, funnel, k, answers)
+            except Exception:
+                log.exception("a neighbors search (funnel %s, k %d) for %d queries failed", funnel, k, len(rows))
+                if len(rows) == 1:
+                    failed.add(rows[0])
+                    continue
+                for j in rows:  # find the query at fault: the others are answered
+                    try:
+                        self._search(emb, [j], funnel, k, answers)
+                    except Exception:
+                        log.exception("the neighbors search of item %d failed alone", j)
+                        failed.add(j)
+        return failed
+
+    def _search(self, emb: torch.Tensor, rows: list[int], funnel: str, k: int, answers: list[dict]) -> None:
+        """One search for the queries ``rows``, all asking for k neighbours in one funnel."""
+        from retrieval.search import search  # only reached with a gallery (parse_options checks)
+
+        t0 = time.perf_counter()
+        r = search(self.gallery, emb[rows].float().cpu().numpy(), k, funnel)
+        classes, ids, labels = self.card.classes, self.gallery.ids, self.gallery.labels
+        found = [[{"id": int(ids[g]), "label": classes[int(labels[g])], "score": float(sc)}
+                  for g, sc in zip(r.index[i], r.score[i])] for i in range(len(rows))]
+        self.sink.emit("mrl_retrieval_seconds", time.perf_counter() - t0, (self.name, funnel))
+        self.sink.emit("mrl_retrieval_queries_total", len(rows), (self.name, funnel))
+        for stage in r.stages:
+            self.sink.emit("mrl_retrieval_candidates_total", stage["candidates"] * len(rows),
+                           (self.name, funnel, str(stage["dim"])))
+        for j, neighbors in zip(rows, found):
+            answers[j]["neighbors"] = neighbors
+            answers[j]["retrieval"] = {"funnel": funnel, "stages": r.stages, "mflops": r.flops / 1e6}
 
     def _error(self, exc: InputError, v2: bool = False) -> tuple[int, dict]:
         self.sink.emit("mrl_request_errors_total", 1, (self.name, exc.reason))

@@ -121,3 +121,68 @@ def test_the_request_parser_names_exactly_the_served_search_methods():
     from handler.requests import FUNNELS
     from retrieval.search import METHODS
     assert set(FUNNELS) == set(METHODS) - {"hnsw"}
+
+
+def test_a_failed_search_fails_its_own_item_alone(service, images, monkeypatch):
+    """A fault while searching for one request answers that request 500; the batch's plain
+    classifications and its other neighbors requests are answered as they would be alone."""
+    import retrieval.search as search_module
+    from retrieval.gallery import normalize
+
+    [(_, probe)] = service.handle([{"body": images[5], "dim": b"2048", "return_embedding": b"1"}])
+    poison = normalize(np.asarray([probe["embedding"]], dtype=np.float32))[0]
+    real = search_module.search
+
+    def search(gallery, queries, k, method="rerank", **kw):
+        if np.any(np.all(np.isclose(normalize(queries), poison, atol=1e-5), axis=1)):
+            raise RuntimeError("a search bug on this one query")
+        return real(gallery, queries, k, method, **kw)
+
+    monkeypatch.setattr(search_module, "search", search)
+    items = [{"body": images[3], "neighbors": b"2"}, {"body": images[4]},
+             {"body": images[5], "neighbors": b"3"}, {"body": images[6], "neighbors": b"2", "funnel": b"exact"}]
+    results = service.handle(items)
+    assert [s for s, _ in results] == [200, 200, 500, 200], [b for _, b in results]
+    assert results[2][1]["type"] == "InternalServerError"
+    assert [b["neighbors"][0]["id"] for _, b in (results[0], results[3])] == [1003, 1006]
+    alone = service.handle([items[1]])[0][1]
+    assert (results[1][1]["label"], results[1][1]["embedding_dim"]) == (alone["label"], alone["embedding_dim"])
+    assert "neighbors" not in results[1][1]
+
+
+def test_each_answer_describes_its_own_search(service, images):
+    """Two requests of one funnel with different k in one batch: each gets the neighbours, stages and
+    MFLOPs it gets alone, not those of a search run for the other's k."""
+    items = [{"body": images[3], "neighbors": b"2", "funnel": b"funnel"},
+             {"body": images[8], "neighbors": b"60", "funnel": b"funnel"}]
+    together = service.handle(items)
+    for item, (status, body) in zip(items, together):
+        [(_, alone)] = service.handle([item])
+        assert status == 200
+        assert body["retrieval"] == alone["retrieval"]
+        assert [n["id"] for n in body["neighbors"]] == [n["id"] for n in alone["neighbors"]]
+    assert together[0][1]["retrieval"]["stages"][-1]["kept"] == 2
+
+
+def test_exact_search_is_refused_above_the_servers_bound(parts, gallery, images):
+    """funnel=exact scans the whole gallery: above the server's bound it is a 400 naming the bound
+    and the setting, and the other requests of the batch are answered."""
+    bounded = MRLService(*parts, name="tiny", gallery=gallery, exact_max_items=59)
+    results = bounded.handle([{"body": images[1], "neighbors": b"3", "funnel": b"exact"},
+                              {"body": images[1], "neighbors": b"3"}])
+    assert [s for s, _ in results] == [400, 200]
+    body = results[0][1]
+    assert body["type"] == "InvalidOption" and body["code"] == 400
+    assert "funnel=exact scans all 60 gallery items; this server allows it up to 59" in body["message"]
+    assert "exact_max_items" in body["message"]
+    [(status, v2body)] = bounded.handle([{"body": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                               "data": [base64.b64encode(images[1]).decode()]}],
+                                                   "parameters": {"neighbors": 3, "funnel": "exact"}}}])
+    assert status == 400 and "allows it up to 59" in v2body["error"]
+    enabled = MRLService(*parts, name="tiny", gallery=gallery, exact_max_items=60)
+    assert enabled.handle([{"body": images[1], "neighbors": b"3", "funnel": b"exact"}])[0][0] == 200
+
+
+def test_exact_search_has_a_default_bound(parts, gallery):
+    from handler.service import EXACT_MAX_ITEMS
+    assert MRLService(*parts, gallery=gallery).exact_max_items == EXACT_MAX_ITEMS == 10_000
