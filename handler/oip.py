@@ -28,6 +28,9 @@ from handler.requests import OPTIONS, Options, parse_options
 OUTPUTS = {"label": "BYTES", "class_index": "INT64", "confidence": "FP32", "embedding_dim": "INT32",
            "top_k_labels": "BYTES", "top_k_probabilities": "FP32", "embedding": "FP32",
            "neighbor_ids": "INT64", "neighbor_labels": "BYTES", "neighbor_scores": "FP32"}
+# Outputs with one element per request; the others' length varies (top_k, dim, neighbors).
+_SCALAR_OUTPUTS = ("label", "class_index", "confidence", "embedding_dim")
+PLATFORM = "pytorch_torchserve"
 _PARAM_TYPES = {"dim": (int,), "operating_point": (str,), "top_k": (int,), "return_embedding": (bool,),
                 "neighbors": (int,), "funnel": (str,)}
 
@@ -127,6 +130,17 @@ def _requested_outputs(outputs: Any) -> tuple[str, ...] | None:
     if unknown:
         raise InputError(f"unknown output {unknown[0]!r}; outputs: {', '.join(OUTPUTS)}")
     return names
+
+
+def model_metadata(*, gallery: bool) -> dict:
+    """What ``GET /v2/models/{m}`` lists beside the model's name and versions: the one input and
+    every output a request can get (the neighbors only where a gallery is served). The archive
+    carries it as oip_metadata.json, which the frontend's OIP route reads (model_store/java/)."""
+    outputs = [n for n in OUTPUTS if gallery or not n.startswith("neighbor_")]
+    return {"platform": PLATFORM,
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1]}],
+            "outputs": [{"name": n, "datatype": OUTPUTS[n], "shape": [1] if n in _SCALAR_OUTPUTS else [-1]}
+                        for n in outputs]}
 
 
 def v2_response(answer: dict, req: V2Request, model_name: str, model_version: str = "1") -> dict:

@@ -9,16 +9,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from http import HTTPStatus
 from pathlib import Path
 
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handler.capture import CaptureConfig
-from handler.engine import configure_threads
-from handler.metrics import SPECS
-from handler.service import MRLService
+# In an archive this file sits beside the handler package it carries (build_archive.py). Put that
+# first on the path: TorchServe places the model folder after the caller's PYTHONPATH, so an
+# installed or checked-out handler would otherwise win, and a worker would not run its archive's code.
+_ARCHIVE = Path(__file__).resolve().parent
+if (_ARCHIVE / "handler" / "__init__.py").is_file() and sys.path[:1] != [str(_ARCHIVE)]:
+    sys.path.insert(0, str(_ARCHIVE))
+
+import handler  # noqa: E402  (after the path fix above)
+from handler.capture import CaptureConfig  # noqa: E402
+from handler.cpus import cpu_budget  # noqa: E402
+from handler.engine import configure_threads  # noqa: E402
+from handler.metrics import SPECS  # noqa: E402
+from handler.service import MRLService  # noqa: E402
 
 log = logging.getLogger(__name__)
 _TYPES = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM, "gauge": MetricTypes.GAUGE}
@@ -57,9 +67,9 @@ class MRLHandler:
             graph_cache=bool(settings.get("graph_cache", True)), numerics=str(settings.get("numerics", "card")))
         t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
-                 "batch_size=%d operating_points=%s default=%s", context.model_name, device, threads,
+                 "batch_size=%d operating_points=%s default=%s code=%s", context.model_name, device, threads,
                  self.service.engine.graph, self.service.numerics, batch_size,
-                 list(self.service.points.points), self.service.points.default)
+                 list(self.service.points.points), self.service.points.default, Path(handler.__file__).parent)
         # One line that says where the worker's start went (bench/recovery.py reads it): the
         # process's age covers the interpreter, the imports and TorchServe's own set-up.
         log.info("mrl worker start: process_age_s=%.2f initialize_s=%.2f graph_s=%.2f warm_up_s=%.2f "
@@ -85,13 +95,14 @@ def _warm_sizes(batch_size: int) -> list[int]:
 
 
 def _threads_per_worker(config: dict) -> int | None:
-    """threads: 0 in model-config: the cores in this worker's affinity shared among the model's
-    workers, so that two workers on two cores do not each run two threads. None (configure_threads
-    then takes MRL_THREADS, else all cores) for one worker or when MRL_THREADS is set."""
-    workers = int(config.get("maxWorkers") or config.get("minWorkers") or 1)
-    if workers == 1 or int(os.environ.get("MRL_THREADS", 0)):  # the environment's choice wins
+    """threads: 0 in model-config: the cores this worker may use (its cgroup's CPU quota where one
+    is set, else its affinity; handler/cpus.py) shared among the model's workers, so that two
+    workers on two cores, or under a 2-CPU limit on a 64-core node, do not each run more threads
+    than there are cores. None (configure_threads then takes MRL_THREADS) when MRL_THREADS is set."""
+    if int(os.environ.get("MRL_THREADS", 0)):  # the environment's choice wins
         return None
-    return max(1, len(os.sched_getaffinity(0)) // workers)
+    workers = int(config.get("maxWorkers") or config.get("minWorkers") or 1)
+    return max(1, cpu_budget() // workers)
 
 
 def _process_age_s() -> float:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from handler import quantize
+from handler import oip, quantize
 from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.engine import threshold_numerics
@@ -102,33 +102,33 @@ def build(args: argparse.Namespace) -> Path:
         if args.capture_dir:
             config += CAPTURE_CONFIG.format(**{**settings, "capture_dir": json.dumps(str(Path(args.capture_dir).resolve()))})
         (stage / "model-config.yaml").write_text(config)
-        pkg = stage / "handler"
-        shutil.copytree(ROOT / "handler", pkg, ignore=shutil.ignore_patterns("__pycache__", "ts_handler.py"))
-        extra = [str(pkg)]
+        # Everything beside the checkpoint and the entry point travels in one folder, whose
+        # contents the archiver copies to the archive's root as they are: handler/ and retrieval/
+        # stay packages there (a folder given on its own would be copied flat), so a worker imports
+        # the code of its archive, not whatever a checkout or an install next to it holds.
+        payload = stage / "payload"
+        payload.mkdir()
+        shutil.copytree(ROOT / "handler", payload / "handler", ignore=_not_code)
         if args.gallery_dir:  # the worker's search code: the gallery itself stays where it is
-            shutil.copytree(ROOT / "retrieval", stage / "retrieval",
+            shutil.copytree(ROOT / "retrieval", payload / "retrieval",
                             ignore=lambda _d, names: [n for n in names if n not in ("__init__.py", "gallery.py", "search.py")])
-            extra.append(str(stage / "retrieval"))
+        (payload / "oip_metadata.json").write_text(json.dumps(oip.model_metadata(gallery=bool(args.gallery_dir)), indent=1))
         if args.thresholds:
-            shutil.copy(args.thresholds, stage / "thresholds.json")
-            extra.append(str(stage / "thresholds.json"))
+            shutil.copy(args.thresholds, payload / "thresholds.json")
         if program is not None:  # the quantized backbone, and the meta the worker checks it against
-            shutil.copy(program.path, stage / "int8.pt2")
-            shutil.copy(program.path.with_suffix(".json"), stage / "int8.json")
-            extra += [str(stage / "int8.pt2"), str(stage / "int8.json")]
+            shutil.copy(program.path, payload / "int8.pt2")
+            shutil.copy(program.path.with_suffix(".json"), payload / "int8.json")
             if program.package is not None:  # compiled for this kind of CPU: workers load, not compile
                 meta = program.package.with_suffix(".json")
-                shutil.copy(meta, stage / "int8_aoti.json")
-                extra.append(str(stage / "int8_aoti.json"))
+                shutil.copy(meta, payload / "int8_aoti.json")
                 batches = json.loads(meta.read_text())["batches"]
                 for src, dst in zip(quantize.package_files(program.package, batches).values(),
-                                    quantize.package_files(stage / "int8_aoti.pt2", batches).values()):
+                                    quantize.package_files(payload / "int8_aoti.pt2", batches).values()):
                     shutil.copy(src, dst)
-                    extra.append(str(dst))
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", args.name, "--version", args.version,
                "--serialized-file", str(stage / "checkpoint.pt"),
                "--handler", str(ROOT / "handler" / "ts_handler.py"),
-               "--extra-files", ",".join(extra), "--config-file", str(stage / "model-config.yaml"),
+               "--extra-files", str(payload), "--config-file", str(stage / "model-config.yaml"),
                "--export-path", str(out), "--force"]
         subprocess.run(cmd, check=True, cwd=stage)
     mar = out / f"{args.name}.mar"
@@ -136,6 +136,12 @@ def build(args: argparse.Namespace) -> Path:
           f"card {card.numerics}, numerics={args.numerics}{' (int8 backbone included' + (', compiled' if program.package else '') + ')' if program else ''}, "
           f"graph={args.graph}, batch {args.batch_size} / {args.batch_delay} ms")
     return mar
+
+
+def _not_code(_folder: str, names: list[str]) -> list[str]:
+    """What an archive's handler package leaves out: caches, and the entry point, which the
+    archiver puts at the archive's root itself (--handler)."""
+    return [n for n in names if n == "__pycache__" or n == "ts_handler.py" or n.endswith(".pyc")]
 
 
 def int8_program(args: argparse.Namespace, ckpt: Path):

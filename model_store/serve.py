@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from model_store import oip_agent
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))  # the one installed beside this Python
 MANAGEMENT = "http://127.0.0.1:8081"
@@ -57,6 +59,10 @@ def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = N
     text = (ROOT / "config.properties").read_text()
     settings = {f"{name}_address": f"http://127.0.0.1:{port}" for name, port in (ports or {}).items()}
     settings |= {"model_store": str(model_store), "metrics_config": str(ROOT / "monitoring" / "ts_metrics.yaml")}
+    vmargs = re.search(r"^vmargs=(.*)$", text, flags=re.M)
+    if vmargs:  # the OIP agent's jar by its absolute path: this server starts in another folder
+        settings["vmargs"] = vmargs.group(1).replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}",
+                                                     f"-javaagent:{oip_agent.JAR}")
     for key, value in (settings | (overrides or {})).items():
         text, n = re.subn(rf"^{key}=.*$", lambda _: f"{key}={value}", text, flags=re.M)
         if not n:
@@ -126,6 +132,7 @@ def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = N
     TorchServe's jar."""
     t0 = time.monotonic()
     env = {**SERVER_ENV, **os.environ} if env is None else env
+    oip_agent.build()  # config.properties starts the frontend with it (quick when it is current)
     (root / "key_file.json").unlink(missing_ok=True)  # a stale file would hold old tokens
     (root / "logs").mkdir(exist_ok=True)
     # The daemon inherits these handles: a file, so that no caller's pipe is held open by Java.

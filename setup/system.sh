@@ -10,7 +10,7 @@ installed=" $(dpkg-query -W -f='${Package}=${Status}\n' "${wanted[@]}" 2>/dev/nu
   | sed -n 's/=install ok installed$//p' | tr '\n' ' ' || true) "
 missing=()
 for pkg in "${wanted[@]}"; do
-  if [[ $pkg == openjdk-*-jre-headless ]] && command -v java >/dev/null; then continue; fi
+  if [[ $pkg == openjdk-*-jdk-headless ]] && command -v javac >/dev/null; then continue; fi
   [[ $installed == *" $pkg "* ]] || missing+=("$pkg")
 done
 if [[ ${#missing[@]} -eq 0 ]]; then

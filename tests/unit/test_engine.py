@@ -79,12 +79,16 @@ def test_an_unwritable_graph_cache_costs_a_trace_and_a_warning_only(tiny_checkpo
 
 
 def test_workers_of_one_model_share_the_cores_unless_told(monkeypatch):
-    from handler import ts_handler
+    from handler import cpus, ts_handler
 
     monkeypatch.setattr(ts_handler.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: None)  # no quota: the affinity decides
     monkeypatch.delenv("MRL_THREADS", raising=False)
     assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) == 2
     assert ts_handler._threads_per_worker({"minWorkers": 8, "maxWorkers": 8}) == 1
-    assert ts_handler._threads_per_worker({"minWorkers": 1, "maxWorkers": 1}) is None  # all cores
+    assert ts_handler._threads_per_worker({"minWorkers": 1, "maxWorkers": 1}) == 4  # all cores
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: 1.0)  # --cpus 1 on the 4-core node
+    assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) == 1
+    assert ts_handler._threads_per_worker({"minWorkers": 1, "maxWorkers": 1}) == 1
     monkeypatch.setenv("MRL_THREADS", "3")
     assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) is None  # the environment wins

@@ -1,0 +1,51 @@
+package mrl.oip;
+
+import java.io.IOException;
+import java.io.InputStream;
+import java.lang.instrument.ClassFileTransformer;
+import java.lang.instrument.Instrumentation;
+import java.security.ProtectionDomain;
+
+/**
+ * A Java agent that gives TorchServe 0.12 the Open Inference Protocol's model routes.
+ *
+ * <p>TorchServe answers GET /v2/models/{m} (model metadata) and GET /v2/models/{m}/ready with 404,
+ * and its endpoint plugins cannot take them: a plugin registered for "v2" would also catch
+ * POST /v2/models/{m}/infer ahead of the inference handler. So this agent swaps, as the JVM loads
+ * it, the frontend's own OIP handler class (the last link of the inference chain, which sees only
+ * what no other handler took) for ours, compiled against the pinned jar (model_store/oip_agent.py).
+ * Started with -javaagent:mrl-oip.jar (vmargs in config.properties).
+ */
+public final class Agent {
+    static final String TARGET = "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler";
+    static final String REPLACEMENT = "mrl/oip/OpenInferenceProtocolRequestHandler.bin";
+
+    private Agent() {}
+
+    public static void premain(String args, Instrumentation inst) throws IOException {
+        final byte[] replacement;
+        try (InputStream in = Agent.class.getClassLoader().getResourceAsStream(REPLACEMENT)) {
+            if (in == null) {
+                throw new IOException("mrl-oip agent: " + REPLACEMENT + " is missing from the jar");
+            }
+            replacement = in.readAllBytes();
+        }
+        inst.addTransformer(new Swap(replacement));
+        System.err.println("mrl-oip agent: OIP model routes enabled (GET /v2/models/{m}, /v2/models/{m}/ready)");
+    }
+
+    /** Returns our class's bytes for the target class, nothing (no change) for every other. */
+    static final class Swap implements ClassFileTransformer {
+        private final byte[] replacement;
+
+        Swap(byte[] replacement) {
+            this.replacement = replacement;
+        }
+
+        @Override
+        public byte[] transform(ClassLoader loader, String className, Class<?> redefined,
+                                ProtectionDomain domain, byte[] original) {
+            return TARGET.equals(className) && redefined == null ? replacement.clone() : null;
+        }
+    }
+}
