@@ -7,7 +7,7 @@ DEMO_THRESHOLDS ?= model_store/fashion_mnist/thresholds.json
 CHECKPOINT ?= $(DEMO_CKPT)
 THRESHOLDS ?= $(if $(filter $(CHECKPOINT),$(DEMO_CKPT)),$(DEMO_THRESHOLDS),)
 GRAPH ?= jit
-# What the workers serve: card (the card's numerics), fp32, bf16, int8 or auto (README, "Numerics").
+# What the workers serve: card (the card's numerics), fp32, bf16, int8 or auto (docs/performance.md).
 NUMERICS ?= card
 # make serve REPLICAS=3: that many TorchServe instances behind an HAProxy gateway with API keys.
 REPLICAS ?= 1
@@ -21,18 +21,24 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 .PHONY: help setup env serve archive archive-han1000 stop token test test-unit test-integration monitor bench parity clean
 
 help:
+	@echo "make help      this list"
 	@echo "make setup     install the Debian packages of setup/debian-packages.txt (every target runs it)"
-	@echo "make serve     build the demo archive, start TorchServe, print a ready curl"
+	@echo "make env       the set-up step and .venv with the project installed (every target below runs it)"
+	@echo "make serve     build both bundled archives, start TorchServe, print a ready curl per model"
 	@echo "make serve NUMERICS=auto   the fastest numerics this CPU runs that passed parity (int8 where it did)"
 	@echo "make serve REPLICAS=3   that many TorchServe instances behind HAProxy (API keys at the gateway)"
+	@echo "make serve CHECKPOINT=path THRESHOLDS=path   serve your own checkpoint (docs/models.md)"
 	@echo "make stop      stop TorchServe (every replica and the gateway too)"
 	@echo "make token     print a fresh inference key for the running server (keys expire after 60 min)"
 	@echo "make test      the whole test suite (what CI runs)"
+	@echo "make test-unit          the unit tests only (no server)"
+	@echo "make test-integration   the integration tests only (real TorchServe, Prometheus, HAProxy)"
 	@echo "make archive CHECKPOINT=path [THRESHOLDS=path]   build model_store/mrl_resnet50.mar"
-	@echo "make archive-han1000   build model_store/han1000.mar, once its checkpoint is trained (README)"
-	@echo "make monitor   start Prometheus scraping the running server"
-	@echo "make bench     the benchmark (docs/benchmarks.md)"
+	@echo "make archive-han1000   build model_store/han1000.mar from its committed checkpoint (docs/models.md)"
+	@echo "make monitor   start Prometheus scraping the running server (docs/monitoring.md)"
+	@echo "make bench     the benchmark (docs/performance.md, docs/benchmarks.md)"
 	@echo "make parity    bf16 (where the CPU has it) and int8 against fp32 (docs/results/parity*.json)"
+	@echo "make clean     remove logs, built archives, key_file.json and pytest's cache"
 
 # The set-up step: Debian packages (JRE, data, Prometheus, fonts). Quick when all are there.
 setup:
@@ -50,7 +56,7 @@ archive: env
 	$(PY) model_store/build_archive.py --checkpoint $(CHECKPOINT) \
 		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH) --numerics $(NUMERICS)
 
-# The second bundled model: 1000 printed Han characters (model_store/han1000, README). Git carries
+# The second bundled model: 1000 printed Han characters (model_store/han1000, docs/models.md). Git carries
 # its fp16 checkpoint; a tree without it (a retraining in progress) serves the demo model alone.
 HAN1000 := model_store/han1000
 archive-han1000: env
@@ -108,7 +114,7 @@ parity: env
 		$(PY) -m bench.parity --mode int8 --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt \
 			--thresholds $(HAN1000)/thresholds.json --data han1000:test; \
 		else echo "han1000: its int8 set has 8-bit activations, which need VNNI; this CPU has none: skipped"; fi; \
-	else echo "han1000: no checkpoint here (README); its parity is skipped"; fi
+	else echo "han1000: no checkpoint here (docs/models.md); its parity is skipped"; fi
 
 clean:
 	rm -rf logs model_store/*.mar key_file.json .pytest_cache

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "neighbors.json"))
     args = p.parse_args(argv)
     if "han1000" not in BUNDLED:
-        raise SystemExit("bench.neighbors serves the han1000 model: train its checkpoint first (README, han1000)")
+        raise SystemExit("bench.neighbors serves the han1000 model: its checkpoint is model_store/han1000/mrl_resnet50_fp16.pt (docs/models.md)")
     folder, spec = BUNDLED["han1000"]
     ckpt = folder / "mrl_resnet50_fp16.pt"
     meta = read_meta(args.gallery)

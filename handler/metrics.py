@@ -1,7 +1,7 @@
 """Our metric definitions, and the sinks that record them.
 
 ``METRICS`` is the single list of what the handler exports; ``monitoring/ts_metrics.yaml`` declares
-the same set for TorchServe (a unit test keeps them equal) and README documents it. Label values
+the same set for TorchServe (a unit test keeps them equal) and docs/monitoring.md documents it. Label values
 are bounded: nesting sizes, operating-point names from the thresholds file, fixed stage names and
 ``handler.errors.ERROR_REASONS`` and ``handler.capture.OUTCOMES``.
 

@@ -30,7 +30,7 @@ from handler.preprocess import decode_image
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-HOLDOUT_SEED = 20221206  # MRL's NeurIPS 2022 presentation date; fixed forever, documented in README
+HOLDOUT_SEED = 20221206  # MRL's NeurIPS 2022 presentation date; fixed forever, documented in docs/models.md
 HOLDOUT_SIZE = 5000
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}

@@ -1,6 +1,6 @@
 """Train an MRL ResNet50 on a data spec, on the CPU (channels_last; bf16 autocast or fp32).
 
-    python training/train_mrl.py --out runs/demo            # the Fashion-MNIST demo recipe (README)
+    python training/train_mrl.py --out runs/demo            # the Fashion-MNIST demo recipe (docs/models.md)
     python training/train_mrl.py --out runs/demo --resume   # continue after an interruption
     python training/train_mrl.py --init runs/a/final.pt --out runs/b ...   # warm start: more epochs
     python training/train_mrl.py --data han1000:train --out runs/han ...   # model_store/han1000/
@@ -37,7 +37,7 @@ from handler.model import DEFAULT_NESTING, MRLResNet50
 from handler.preprocess import Normalizer, Preprocessing, crop_image
 from training.data import ArrayImages, DatasetInfo, dataset_info, load_spec
 
-# Defaults: the demo recipe, 145 minutes on 2 cores here (README has the epochs/accuracy trade).
+# Defaults: the demo recipe, 145 minutes on 2 cores here (docs/models.md has the epochs/accuracy trade).
 # 32x32 trains at about 200 img/s here; 64x64 at 70 and 40x40 at 116 (bf16, batch 128).
 DEFAULTS = dict(
     input_size=32,        # 28x28 upsampled to 32: the ImageNet stem leaves an 8x8 map for layer1
