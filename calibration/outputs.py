@@ -2,7 +2,9 @@
 
 Images go through ``handler.preprocess`` and ``handler.engine.Engine`` with the card's numerics
 and the serving graph mode, so thresholds are fit on the numbers the server will see. Results are
-cached as .npz keyed by checkpoint hash, data spec, numerics and graph mode.
+cached as .npz keyed by checkpoint hash, data spec, numerics and graph mode; for an image folder,
+also by its files (path, size and modification time of each), so that images re-exported into the
+same folder are run again instead of being scored as the old ones.
 
 A ``capture:DIR`` spec reads traffic the server captured instead (``handler/capture.py``): the
 numbers it served, with no labels. Its ``labels`` are then the 2048-d head's answers, so "top-1"
@@ -57,6 +59,22 @@ class Outputs:
 
 def is_capture(spec: str) -> bool:
     return spec.startswith(CAPTURE)
+
+
+def folder_fingerprint(spec: str) -> str | None:
+    """For an image-folder spec, a hash of every file under it (relative path, size, mtime in ns):
+    it changes when any file is added, removed, moved to another class, rewritten or touched.
+    None for the named data sets (their files are fixed by the spec) and captures."""
+    family, _, split = spec.partition(":")
+    root = Path(spec)
+    if (family in ("fashion-mnist", "han1000") and split) or is_capture(spec) or not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def from_capture(checkpoint: str | Path, spec: str, since: float | None = None) -> Outputs:
@@ -119,6 +137,7 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
     meta = {"checkpoint_sha256": sha, "data": spec, "numerics": card.numerics if emulate else used,
             "card_numerics": card.numerics, "graph": "compile" if int8 else graph,
             "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting),
+            **({"data_files_sha256": files} if (files := folder_fingerprint(spec)) else {}),
             **({"emulated": True} if emulate else {}),
             **({"int8_program": {k: int8_program.meta[k] for k in quantize.RECORD}}
                if int8 else {})}
