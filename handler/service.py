@@ -70,6 +70,8 @@ class MRLService:
         rows.update({m: fixed_dim_row(self.nesting, m) for m in self.nesting})
         self._rows = {k: threshold_rows(r, 1)[0] for k, r in rows.items()}
         self.gallery = gallery  # retrieval.gallery.Gallery: neighbors requests search it
+        self.checkpoint_sha256 = checkpoint_sha256  # a rebuilt gallery must come from it too
+        self._gallery_refused: tuple | None = None  # the rebuilt meta.json that failed to open
         self.capture = None
         if capture is not None:
             self.capture = TrafficCapture(capture, model=name, header={
@@ -136,6 +138,8 @@ class MRLService:
         ``headers`` are the items' HTTP headers (for ``X-MRL-*`` options and the Content-Type);
         they may hold credentials, so nothing here logs them.
         """
+        if self.gallery is not None:  # between batches: a batch sees one gallery, old or new, whole
+            self._refresh_gallery()
         self.sink.emit("mrl_batches_total", 1, (self.name,))
         self.sink.emit("mrl_batch_items_total", len(items), (self.name,))
         out: list[tuple[int, dict] | None] = [None] * len(items)
@@ -192,6 +196,25 @@ class MRLService:
             for outcome, n in self.capture.take_counts().items():
                 self.sink.emit("mrl_capture_records_total", n, (self.name, outcome))
         return out  # type: ignore[return-value]
+
+    def _refresh_gallery(self) -> None:
+        """Serve a gallery rebuilt in place (retrieval/gallery.py switches versions atomically) from
+        this batch on. One that cannot be opened (another checkpoint, parts that disagree) is
+        logged once and the one being served is kept."""
+        old = self.gallery
+        stamp = old.disk_stamp()  # a stat of meta.json: a few microseconds a batch
+        if stamp is None or stamp == old.stamp or stamp == self._gallery_refused:
+            return
+        try:
+            new = type(old).open(old.folder, checkpoint_sha256=self.checkpoint_sha256, hnsw=old.hnsw is not None)
+        except Exception:
+            self._gallery_refused = stamp
+            log.exception("gallery %s was rebuilt but cannot be served; still serving version %s",
+                          old.folder, old.meta.get("version"))
+            return
+        self.gallery = new
+        log.info("gallery %s rebuilt: now version %s, %d items from %s (was %s, %d items)", new.folder,
+                 new.meta.get("version"), len(new), new.meta.get("spec"), old.meta.get("version"), len(old))
 
     def _check_search(self, opt: Options) -> None:
         """Refuse a full scan of a gallery larger than the server allows (EXACT_MAX_ITEMS)."""
@@ -293,3 +316,4 @@ class MRLService:
         for m, n in escalations.items():
             self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))
         return answers, result
+

@@ -1,11 +1,19 @@
 """A gallery: the MRL embeddings of a data set, stored once, with a shortlist index per prefix size.
 
-    DIR/meta.json          format, checkpoint sha256, spec, n, numerics, graph, the indexed sizes
-    DIR/vectors.f16        (N, 2048) float16, memory-mapped: each row L2-normalised at 2048 dims
-    DIR/labels.npy         (N,) class index of each item
-    DIR/ids.npy            (N,) item id (the item's index in its data spec)
-    DIR/flat-{m}.faiss     exact inner-product index over the L2-normalised m-dim prefixes
-    DIR/hnsw-2048.faiss    FAISS HNSW over the 2048-d vectors (what a user would pick instead)
+    DIR/meta.json              format, checkpoint sha256, spec, n, numerics, graph, the indexed
+                               sizes, and ``version``: the folder that holds this build's data
+    DIR/VERSION/vectors.f16    (N, 2048) float16, memory-mapped: each row L2-normalised at 2048 dims
+    DIR/VERSION/labels.npy     (N,) class index of each item
+    DIR/VERSION/ids.npy        (N,) item id (the item's index in its data spec)
+    DIR/VERSION/flat-{m}.faiss exact inner-product index over the L2-normalised m-dim prefixes
+    DIR/VERSION/hnsw-2048.faiss FAISS HNSW over the 2048-d vectors (what a user would pick instead)
+    DIR/VERSION/meta.json      the same meta, so that a version describes itself
+
+A rebuild into DIR never rewrites a file that a reader may have mapped: it writes a new VERSION
+folder, then replaces DIR/meta.json atomically (``os.replace``), then unlinks the older versions
+(a reader's memory map keeps an unlinked file alive). A reader sees the old gallery or the new one
+whole; ``Gallery.changed`` says when DIR/meta.json was replaced. Galleries built before versions
+(the data files straight in DIR, no ``version`` in meta.json) still open.
 
 Every prefix is normalised on its own (the MRL paper does the same): the direction of x[:m] does
 not depend on how x was scaled, so rows stored unit-length at 2048 give every prefix by slicing
@@ -13,8 +21,14 @@ and renormalising. Scores are cosine similarities.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
+import os
+import re
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +39,8 @@ FORMAT = "mrl-serve-gallery/1"
 EMBED_DIM = 2048
 SHORTLIST_DIMS = (8, 16, 32, 64)   # prefix sizes with a flat index: where funnels start
 HNSW_M = 32                        # neighbours per node (the paper's HNSW-32)
+DATA_FILES = ("vectors.f16", "labels.npy", "ids.npy")  # beside flat-{m}.faiss and hnsw-2048.faiss
+_VERSION = re.compile(r"v-[0-9A-Za-z_.-]+")
 
 
 def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -40,30 +56,64 @@ def prefix(x: np.ndarray, m: int) -> np.ndarray:
 
 @dataclass
 class Gallery:
-    folder: Path
+    folder: Path                   # the folder named by the user (and served): DIR
     vectors: np.ndarray            # (N, 2048) float16 memmap, unit rows
     labels: np.ndarray
     ids: np.ndarray
     meta: dict
     flat: dict[int, object] = field(default_factory=dict)   # m -> faiss.IndexFlatIP
     hnsw: object | None = None
+    path: Path | None = None       # the folder holding this build's data: DIR/VERSION (or DIR)
+    stamp: tuple | None = None     # DIR/meta.json's identity when it was read
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @classmethod
     def open(cls, folder: str | Path, *, checkpoint_sha256: str | None = None, hnsw: bool = True) -> "Gallery":
-        """Load a gallery; refuse one built from another checkpoint, naming both. ``hnsw`` False
-        leaves the HNSW index on disk (it holds a float32 copy of every vector)."""
+        """Load a gallery; refuse one built from another checkpoint, naming both, or one whose
+        parts disagree on the item count. ``hnsw`` False leaves the HNSW index on disk (it holds
+        a float32 copy of every vector)."""
+        folder = Path(folder)
+        for attempt in range(3):
+            meta, stamp = _read_meta(folder, checkpoint_sha256)
+            try:
+                return cls._load(folder, meta, stamp, hnsw)
+            except FileNotFoundError:  # a rebuild removed this version while we read it: read again
+                if attempt == 2 or _stamp(folder) == stamp:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(cls, folder: Path, meta: dict, stamp: tuple, hnsw: bool) -> "Gallery":
         import faiss
 
-        folder = Path(folder)
-        meta = read_meta(folder, checkpoint_sha256)
+        path = _data_folder(folder, meta)
         n = meta["n"]
-        vectors = np.memmap(folder / "vectors.f16", dtype=np.float16, mode="r", shape=(n, EMBED_DIM))
-        flat = {m: faiss.read_index(str(folder / f"flat-{m}.faiss")) for m in meta["shortlist_dims"]}
-        index = faiss.read_index(str(folder / f"hnsw-{EMBED_DIM}.faiss")) if hnsw and meta.get("hnsw") else None
-        return cls(folder, vectors, np.load(folder / "labels.npy"), np.load(folder / "ids.npy"), meta, flat, index)
+        size = (path / "vectors.f16").stat().st_size
+        if size != n * EMBED_DIM * 2:
+            raise ValueError(f"{path}: vectors.f16 holds {size / (EMBED_DIM * 2):g} items but meta.json says {n}")
+        vectors = np.memmap(path / "vectors.f16", dtype=np.float16, mode="r", shape=(n, EMBED_DIM))
+        labels, ids = np.load(path / "labels.npy"), np.load(path / "ids.npy")
+        flat = {m: faiss.read_index(str(path / f"flat-{m}.faiss")) for m in meta["shortlist_dims"]}
+        index = faiss.read_index(str(path / f"hnsw-{EMBED_DIM}.faiss")) if hnsw and meta.get("hnsw") else None
+        counts = {"labels.npy": len(labels), "ids.npy": len(ids),
+                  **{f"flat-{m}.faiss": f.ntotal for m, f in flat.items()},
+                  **({f"hnsw-{EMBED_DIM}.faiss": index.ntotal} if index is not None else {})}
+        for name, count in counts.items():
+            if count != n:
+                raise ValueError(f"{path}: {name} holds {count} items but meta.json says {n}; "
+                                 "rebuild the gallery with retrieval/build_index.py")
+        return cls(folder, vectors, labels, ids, meta, flat, index, path, stamp)
+
+    def disk_stamp(self) -> tuple | None:
+        """The identity of DIR/meta.json now (None if it is missing): a rebuild replaces the file."""
+        return _stamp(self.folder)
+
+    def changed(self) -> bool:
+        """True once DIR/meta.json was replaced (a rebuild) since this gallery was read."""
+        now = self.disk_stamp()
+        return now is not None and now != self.stamp
 
     def subset(self, n: int) -> "Gallery":
         """The first n items as a gallery of their own (flat indexes copied in memory, no HNSW):
@@ -76,7 +126,8 @@ class Gallery:
         for m, index in self.flat.items():
             flat[m] = faiss.IndexFlatIP(m)
             flat[m].add(index.reconstruct_n(0, n))
-        return Gallery(self.folder, self.vectors[:n], self.labels[:n], self.ids[:n], {**self.meta, "n": n}, flat)
+        return Gallery(self.folder, self.vectors[:n], self.labels[:n], self.ids[:n], {**self.meta, "n": n}, flat,
+                       path=self.path, stamp=self.stamp)
 
     def add_exact_index(self) -> None:
         """A flat index at 2048 dims in memory (float32, 8 KiB an item): exact search as a user
@@ -113,42 +164,104 @@ class Gallery:
 
 def read_meta(folder: str | Path, checkpoint_sha256: str | None = None) -> dict:
     """A gallery's meta.json, checked for its format and (if given) the checkpoint it came from."""
-    folder = Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
+    return _read_meta(Path(folder), checkpoint_sha256)[0]
+
+
+def _read_meta(folder: Path, checkpoint_sha256: str | None) -> tuple[dict, tuple]:
+    """meta.json and the identity of the very file read (a rebuild replaces it, never rewrites it)."""
+    with open(folder / "meta.json", "rb") as f:
+        st = os.fstat(f.fileno())
+        meta = json.loads(f.read())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder}: gallery format must be {FORMAT!r}, got {meta.get('format')!r}")
     if checkpoint_sha256 is not None and meta["checkpoint_sha256"] != checkpoint_sha256:
         raise ValueError(f"gallery {folder} was built from checkpoint sha256 {meta['checkpoint_sha256']} "
                          f"but the model is sha256 {checkpoint_sha256}; rebuild it with "
                          "retrieval/build_index.py")
-    return meta
+    return meta, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _stamp(folder: Path) -> tuple | None:
+    try:
+        st = os.stat(folder / "meta.json")
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _data_folder(folder: Path, meta: dict) -> Path:
+    version = meta.get("version")
+    if version is None:  # the layout before versions: the data files beside meta.json
+        return folder
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise ValueError(f"{folder}/meta.json: version must be a folder name like 'v-...', got {version!r}")
+    return folder / version
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """One build at a time per gallery folder (a lock on the folder itself, released on exit or death)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def build(folder: str | Path, embeddings: np.ndarray, labels: Sequence[int], ids: Sequence[int], meta: dict, *,
           shortlist_dims: Sequence[int] = SHORTLIST_DIMS, hnsw_m: int | None = HNSW_M,
           ef_construction: int = 40, progress=None) -> Gallery:
-    """Write a gallery from (N, 2048) embeddings. ``meta`` names the checkpoint (sha256) and spec."""
-    import faiss
+    """Write a gallery from (N, 2048) embeddings. ``meta`` names the checkpoint (sha256) and spec.
 
+    Into a folder that already holds a gallery (one a server may be reading), the new build goes
+    into a new version folder and replaces the old one atomically (see the module's docstring)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     n = len(embeddings)
+    labels, ids = np.asarray(labels, dtype=np.int64), np.asarray(ids, dtype=np.int64)
     if embeddings.shape != (n, EMBED_DIM):
         raise ValueError(f"embeddings must be (N, {EMBED_DIM}), got {embeddings.shape}")
+    if labels.shape != (n,) or ids.shape != (n,):
+        raise ValueError(f"need one label and one id per embedding ({n}), got {labels.shape} and {ids.shape}")
     if any(m not in range(1, EMBED_DIM + 1) for m in shortlist_dims):
         raise ValueError(f"shortlist dims must lie in 1..{EMBED_DIM}, got {list(shortlist_dims)}")
-    vec = np.memmap(folder / "vectors.f16", dtype=np.float16, mode="w+", shape=(n, EMBED_DIM))
+    folder.mkdir(parents=True, exist_ok=True)
+    with _build_lock(folder):
+        now = dt.datetime.now(dt.timezone.utc)
+        version = f"v-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        work = folder / f".building-{version}"
+        try:
+            work.mkdir()
+            doc = _write_data(work, embeddings, labels, ids, shortlist_dims, hnsw_m, ef_construction, progress)
+            doc = {"format": FORMAT, **meta, **doc, "version": version,
+                   "created": now.isoformat(timespec="seconds")}
+            _write_atomic(work / "meta.json", json.dumps(doc, indent=2) + "\n")
+            os.rename(work, folder / version)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        _fsync(folder)
+        _write_atomic(folder / "meta.json", json.dumps(doc, indent=2) + "\n")  # the switch
+        _remove_all_but(folder, version)
+    return Gallery.open(folder)
+
+
+def _write_data(work: Path, embeddings, labels, ids, shortlist_dims, hnsw_m, ef_construction, progress) -> dict:
+    import faiss
+
+    n = len(embeddings)
+    vec = np.memmap(work / "vectors.f16", dtype=np.float16, mode="w+", shape=(n, EMBED_DIM))  # a new file
     for lo in range(0, n, 8192):
         vec[lo:lo + 8192] = normalize(embeddings[lo:lo + 8192]).astype(np.float16)
     vec.flush()
-    np.save(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
-    np.save(folder / "ids.npy", np.asarray(ids, dtype=np.int64))
+    np.save(work / "labels.npy", labels)
+    np.save(work / "ids.npy", ids)
     stored = np.asarray(vec)
     for m in shortlist_dims:
         index = faiss.IndexFlatIP(m)
         for lo in range(0, n, 8192):
             index.add(prefix(stored[lo:lo + 8192], m))
-        faiss.write_index(index, str(folder / f"flat-{m}.faiss"))
+        faiss.write_index(index, str(work / f"flat-{m}.faiss"))
     if hnsw_m:
         index = faiss.IndexHNSWFlat(EMBED_DIM, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
@@ -156,9 +269,38 @@ def build(folder: str | Path, embeddings: np.ndarray, labels: Sequence[int], ids
             index.add(normalize(stored[lo:lo + 4096]))
             if progress:
                 progress(min(lo + 4096, n))
-        faiss.write_index(index, str(folder / f"hnsw-{EMBED_DIM}.faiss"))
-    doc = {"format": FORMAT, **meta, "n": n, "dim": EMBED_DIM, "shortlist_dims": list(shortlist_dims),
-           "hnsw": {"M": hnsw_m, "efConstruction": ef_construction} if hnsw_m else None,
-           "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    (folder / "meta.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return Gallery.open(folder)
+        faiss.write_index(index, str(work / f"hnsw-{EMBED_DIM}.faiss"))
+    del vec, stored
+    for p in work.iterdir():
+        _fsync(p)
+    return {"n": n, "dim": EMBED_DIM, "shortlist_dims": list(shortlist_dims),
+            "hnsw": {"M": hnsw_m, "efConstruction": ef_construction} if hnsw_m else None}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_all_but(folder: Path, version: str) -> None:
+    """Unlink the builds that ``version`` replaced (readers' memory maps outlive the unlink): older
+    version folders, a build that died half-way, and the data files of the layout before versions."""
+    for p in folder.iterdir():
+        if p.is_dir() and p.name != version and (_VERSION.fullmatch(p.name) or p.name.startswith(".building-v-")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and (p.name in DATA_FILES or re.fullmatch(r"(flat-\d+|hnsw-\d+)\.faiss", p.name)
+                              or re.fullmatch(r"\.meta\.json\.[0-9a-f]+\.tmp", p.name)):
+            p.unlink()

@@ -159,15 +159,70 @@ def test_building_an_index_twice_gives_the_same_bytes(tiny_checkpoint, tmp_path)
     for out in outs:
         build_index.main(["--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "300",
                           "--hnsw-m", "0", "--out", str(out)])
-    names = sorted(p.name for p in outs[0].iterdir())
+    g = Gallery.open(outs[0])
+    assert sorted(p.name for p in outs[0].iterdir()) == ["meta.json", g.path.name]  # the data in one version folder
+    names = sorted(p.name for p in g.path.iterdir())
     assert names == ["flat-16.faiss", "flat-32.faiss", "flat-64.faiss", "flat-8.faiss", "ids.npy", "labels.npy",
                      "meta.json", "vectors.f16"]
+    other = Gallery.open(outs[1]).path
     for name in names[:-2] + ["vectors.f16"]:
-        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+        assert (g.path / name).read_bytes() == (other / name).read_bytes(), name
     metas = [json.loads((o / "meta.json").read_text()) for o in outs]
     for m in metas:
-        m.pop("created")
+        m.pop("created"), m.pop("version")
     assert metas[0] == metas[1] and metas[0]["n"] == 300 and metas[0]["spec"] == "fashion-mnist:test"
-    g = Gallery.open(outs[0])
     assert np.count_nonzero(np.asarray(g.vectors)) > 0
     np.testing.assert_array_equal(g.labels, fashion_mnist("test").labels[:300])
+
+
+def _small(data, n, id0=0, shift=0):
+    emb, labels, _, _ = data
+    return emb[:n], (labels[:n] + shift) % C, np.arange(n) + id0
+
+
+def test_a_rebuild_in_place_leaves_an_open_gallery_intact(data, tmp_path):
+    """A rebuild into the folder a reader has open (a worker's memory map) writes new files and
+    switches to them: the open gallery keeps reading its own vectors, a fresh open gets the new."""
+    folder = tmp_path / "g"
+    old = build(folder, *_small(data, 300), {"checkpoint_sha256": "abc", "spec": "a"}, hnsw_m=None)
+    before = np.array(old.vectors[:300])
+    new_emb = data[0][1000:1300][::-1].copy()
+    build(folder, new_emb, np.zeros(300, int), np.arange(300) + 5000, {"checkpoint_sha256": "abc", "spec": "b"},
+          hnsw_m=None)
+    np.testing.assert_array_equal(np.array(old.vectors[:300]), before)   # a memory map never rewritten
+    assert old.changed()
+    fresh = Gallery.open(folder)
+    assert (len(fresh), fresh.meta["spec"], int(fresh.ids[0])) == (300, "b", 5000) and not fresh.changed()
+    np.testing.assert_allclose(np.asarray(fresh.vectors[0], np.float32), normalize(new_emb[:1])[0], atol=2e-3)
+
+
+def test_a_rebuild_of_another_size_and_counts_checked_on_open(data, tmp_path):
+    folder = tmp_path / "g"
+    build(folder, *_small(data, 300), {"checkpoint_sha256": "abc", "spec": "a"}, hnsw_m=None)
+    g = build(folder, *_small(data, 120, id0=7000), {"checkpoint_sha256": "abc", "spec": "a"}, hnsw_m=None)
+    assert (len(g), g.flat[8].ntotal, len(g.ids), g.vectors.shape[0]) == (120, 120, 120, 120)
+    # A gallery whose parts disagree is refused on open, naming the counts.
+    np.save(g.path / "labels.npy", np.zeros(119, dtype=np.int64))
+    with pytest.raises(ValueError, match="labels.npy holds 119 items but meta.json says 120"):
+        Gallery.open(folder)
+
+
+def test_a_gallery_in_the_layout_before_versions_still_opens(data, tmp_path):
+    """Galleries built before versioned folders (files straight in the folder) open as they are,
+    and a rebuild into such a folder replaces them."""
+    import json
+    import shutil
+    folder = tmp_path / "g"
+    g = build(folder, *_small(data, 200), {"checkpoint_sha256": "abc", "spec": "a"}, hnsw_m=None)
+    for p in g.path.iterdir():
+        shutil.move(str(p), folder / p.name)
+    shutil.rmtree(g.path)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["version"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    flat = Gallery.open(folder)
+    assert len(flat) == 200 and flat.path == folder
+    g2 = build(folder, *_small(data, 100), {"checkpoint_sha256": "abc", "spec": "b"}, hnsw_m=None)
+    assert len(Gallery.open(folder)) == 100 and g2.path != folder
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", g2.path.name]
+    assert np.array(flat.vectors[199]).any()  # the old files were unlinked, not truncated: still mapped

@@ -186,3 +186,25 @@ def test_exact_search_is_refused_above_the_servers_bound(parts, gallery, images)
 def test_exact_search_has_a_default_bound(parts, gallery):
     from handler.service import EXACT_MAX_ITEMS
     assert MRLService(*parts, gallery=gallery).exact_max_items == EXACT_MAX_ITEMS == 10_000
+
+
+def test_a_rebuilt_gallery_is_served_from_the_next_batch(parts, gallery, images, tiny_checkpoint, tmp_path):
+    """A rebuild into the served folder is picked up between batches, whole: the new ids, labels and
+    vectors together; a rebuild from another checkpoint is refused and the old gallery kept."""
+    folder = tmp_path / "served"
+    emb = np.asarray(gallery.vectors, dtype=np.float32)
+    sha = file_sha256(tiny_checkpoint)
+    build(folder, emb, np.arange(N) % 10, np.arange(N) + 1000, {"checkpoint_sha256": sha, "spec": "a"}, hnsw_m=None)
+    svc = MRLService(*parts, name="tiny", gallery=Gallery.open(folder, checkpoint_sha256=sha),
+                     checkpoint_sha256=sha)
+    ask = [{"body": images[7], "neighbors": b"3"}]
+    assert svc.handle(ask)[0][1]["neighbors"][0]["id"] == 1007
+    build(folder, emb[:40], (np.arange(40) + 1) % 10, np.arange(40) + 9000, {"checkpoint_sha256": sha, "spec": "b"},
+          hnsw_m=None)
+    [(status, body)] = svc.handle(ask)
+    top = body["neighbors"][0]
+    assert status == 200 and (top["id"], top["label"]) == (9007, svc.card.classes[8]) and len(svc.gallery) == 40
+    assert svc.handle([{"body": images[7], "neighbors": b"41"}])[0][0] == 400  # the new size bounds k
+    build(folder, emb, np.arange(N) % 10, np.arange(N), {"checkpoint_sha256": "other", "spec": "c"}, hnsw_m=None)
+    [(status, body)] = svc.handle(ask)
+    assert status == 200 and body["neighbors"][0]["id"] == 9007  # refused (logged): the old one still serves
