@@ -12,8 +12,11 @@ time it was answered: never the image, the body, the headers or anything that na
 Files are JSON lines, ``capture-<model>-<UTC time>-<pid>.jsonl`` (names sort by age), written as
 ``.jsonl.part`` while a worker appends to them and renamed when it moves on; the first line is a
 header that ties the records to the checkpoint (sha256), nesting and numerics that produced them,
-so ``fit_thresholds.py --unlabeled --data capture:DIR`` refits for exactly that model. The size
-bound applies to closed files: each worker's open file adds at most ``capture_file_mb``.
+so ``fit_thresholds.py --unlabeled --data capture:DIR`` refits for exactly that model. A worker
+holds an exclusive lock (``flock``) on its open file, which dies with the worker: a ``.part`` that
+nobody holds (a killed worker's, on this machine or on another sharing the volume) is adopted
+(renamed) and pruned like a closed file, whatever PID its name carries. The size bound counts
+closed files and other workers' open ones; each worker's open file adds at most ``capture_file_mb``.
 
 The request path hands two small arrays (fresh per batch, never written again) to a bounded
 queue; a writer thread formats and appends them in batches. Nothing here can fail a request: a
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
@@ -79,6 +83,7 @@ class TrafficCapture:
         self._counts = dict.fromkeys(OUTCOMES, 0)
         self._reported = dict.fromkeys(OUTCOMES, 0)
         self._file = None
+        self._path: Path | None = None  # the open file's name
         self._file_bytes = 0
         self._retry_at = 0.0
         self._warned_at: dict[str, float] = {}
@@ -127,15 +132,20 @@ class TrafficCapture:
         self._close_file()
 
     def _close_file(self) -> None:
-        """Close the open file and give it its final name (it may then be pruned)."""
+        """Give the open file its final name (it may then be pruned) and close it. The rename comes
+        first, while this worker's lock keeps others off the file: after a full disk, close()
+        fails again (it cannot flush), yet the file must not stay a .part."""
         if self._file is None:
             return
         f, self._file = self._file, None
         try:
-            f.close()
-            os.replace(f.name, f.name.removesuffix(".part"))
+            os.replace(self._path, self._path.with_name(self._path.name.removesuffix(".part")))
         except OSError:
             pass
+        try:
+            f.close()  # closes the descriptor, and so drops the lock, even when its flush fails
+        except OSError:
+            pass  # what it could not flush was counted failed when the write failed
 
     def _write(self, batches: list[tuple[float, np.ndarray, np.ndarray]]) -> None:
         n = sum(len(c) for _, c, _ in batches)
@@ -168,27 +178,34 @@ class TrafficCapture:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         path = folder / f"capture-{self.model}-{stamp}-{os.getpid()}.jsonl.part"
         header = (json.dumps({**self.header, "created": time.time()}) + "\n").encode()
-        f = open(path, "ab")
+        # Locked under a name no pruner looks at, then renamed: no other worker can find it unlocked.
+        hidden = path.with_name(f".{path.name}")
+        f = open(hidden, "ab")
         try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.write(header)
             f.flush()
+            os.replace(hidden, path)
         except OSError:
-            f.close()
+            hidden.unlink(missing_ok=True)  # it holds no record: never leave one behind per retry
+            try:
+                f.close()
+            except OSError:
+                pass
             raise
-        self._file, self._file_bytes = f, len(header)
+        self._file, self._path, self._file_bytes = f, path, len(header)
         self._prune(keep=path)
 
     def _prune(self, keep: Path) -> None:
-        """Delete this model's oldest closed files until they total at most max_bytes minus one
-        file (room for the one just opened). Open files (other workers') are never touched."""
+        """Delete this model's oldest closed files until they and the other workers' open files
+        total at most max_bytes minus one file (room for the one just opened). Open files are
+        never touched; a .part that no process holds is adopted first (its worker died)."""
+        held = 0
         for part in self.config.folder.glob(f"capture-{self.model}-*.jsonl.part"):
-            # A worker that died (killed, or the machine restarted) never closed its file: adopt it.
-            pid = part.name.removesuffix(".jsonl.part").rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                try:
-                    os.replace(part, part.with_name(part.name.removesuffix(".part")))
-                except OSError:
-                    pass
+            if part != keep:
+                held += _adopt_unless_held(part)
+        for hidden in self.config.folder.glob(f".capture-{self.model}-*.jsonl.part"):
+            _adopt_unless_held(hidden)  # a worker died while starting a file: only a header, deleted
         files = sorted(p for p in self.config.folder.iterdir() if self._pattern.fullmatch(p.name))
         sizes = {}
         for p in files:
@@ -196,7 +213,7 @@ class TrafficCapture:
                 sizes[p] = p.stat().st_size
             except FileNotFoundError:  # another worker pruned it
                 pass
-        total = sum(sizes.values())
+        total = held + sum(sizes.values())
         for p in sizes:
             if total <= self.config.max_bytes - self.config.file_bytes or p == keep:
                 break
@@ -215,14 +232,32 @@ class TrafficCapture:
             log.warning("traffic capture lost %d record(s): %s", n, warning)
 
 
-def _alive(pid: int) -> bool:
+def _adopt_unless_held(part: Path) -> int:
+    """Rename ``part`` to its final name if no process holds its lock (its writer died: the lock
+    died with it); returns its size if one does (another worker's open file), else 0."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+        fd = os.open(part, os.O_RDONLY)
+    except OSError:  # gone: its worker closed it, or another worker adopted it
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        size = os.fstat(fd).st_size
+        os.close(fd)
+        return size
+    except OSError:
+        os.close(fd)
+        return 0
+    try:
+        if part.name.startswith("."):  # never renamed into view (_rotate): nothing but a header
+            part.unlink()
+        else:
+            os.replace(part, part.with_name(part.name.removesuffix(".part")))  # while we hold its lock
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return 0
 
 
 @dataclass

@@ -1,7 +1,11 @@
 """Traffic capture: what is written, rotation and its bound, failures that never fail a request,
 reading it back, and refitting thresholds from it (fit_thresholds --unlabeled --data capture:DIR)."""
 import errno
+import fcntl
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -77,6 +81,84 @@ def test_a_dead_workers_open_file_is_adopted_and_pruned(tmp_path, monkeypatch):
     cap.record(*batch(np.random.default_rng(6), 2))
     cap.close()
     assert not dead.exists() and not dead.with_name(dead.name.removesuffix(".part")).exists()
+
+
+def test_an_orphaned_part_file_is_adopted_even_when_the_pid_in_its_name_lives(tmp_path, monkeypatch):
+    """Issue #33 item 6: a PID is no proof of life (reused after a restart on a persistent volume,
+    or another pod's on a shared one). Nobody holds this file's lock, so it is adopted and pruned."""
+    monkeypatch.setattr(capture_mod, "FLUSH_S", 0.0)
+    orphan = tmp_path / "capture-m-20260101T000000000000Z-1.jsonl.part"  # PID 1 always lives
+    orphan.write_text(json.dumps({"schema": capture_mod.SCHEMA, **HEADER}) + "\n" + "x" * 20_000 + "\n")
+    starting = tmp_path / f".capture-m-20260101T000000000001Z-{os.getpid()}.jsonl.part"  # died before its rename
+    starting.write_text(json.dumps({"schema": capture_mod.SCHEMA, **HEADER}) + "\n")
+    cap = TrafficCapture(CaptureConfig(tmp_path, max_bytes=20_000, file_bytes=10_000), model="m", header=HEADER)
+    cap.record(*batch(np.random.default_rng(6), 2))
+    cap.close()
+    assert not orphan.exists() and not orphan.with_name(orphan.name.removesuffix(".part")).exists()
+    assert not starting.exists()
+
+
+def test_a_file_another_writer_holds_is_counted_and_never_touched(tmp_path, monkeypatch):
+    """Another pod's open file on a shared volume: its PID means nothing here (no such process),
+    but it holds the file's lock. It stays as it is, and its size counts against the bound."""
+    monkeypatch.setattr(capture_mod, "FLUSH_S", 0.0)
+    other = tmp_path / "capture-m-20260101T000000000000Z-999999999.jsonl.part"
+    other.write_text(json.dumps({"schema": capture_mod.SCHEMA, **HEADER}) + "\n" + "x" * 15_000 + "\n")
+    config = CaptureConfig(tmp_path, max_bytes=40_000, file_bytes=10_000)
+    with open(other, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        cap = TrafficCapture(config, model="m", header=HEADER)
+        rng = np.random.default_rng(7)
+        for _ in range(60):  # about 90 kB of records
+            cap.record(*batch(rng, 10))
+        cap.close()
+        assert other.exists()
+        closed = sum(f.stat().st_size for f in tmp_path.glob("capture-m-*.jsonl"))
+        assert closed + other.stat().st_size <= config.max_bytes
+
+
+FULL_DISK = """
+import json, resource, signal, sys, time
+from pathlib import Path
+import numpy as np
+from handler import capture
+from handler.capture import CaptureConfig, TrafficCapture
+
+capture.RETRY_S, capture.FLUSH_S = 0.05, 0.0
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as on a full disk
+folder, header = Path(sys.argv[1]), json.loads(sys.argv[2])
+cap = TrafficCapture(CaptureConfig(folder, max_bytes=20_000, file_bytes=10_000), model="m", header=header)
+rng = np.random.default_rng(0)
+parts = []
+
+def phase(limit, batches):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    for _ in range(batches):
+        cap.record(rng.random((4, 9), dtype=np.float32), rng.integers(0, 10, (4, 9)))
+        time.sleep(0.03)
+        parts.append(len(list(folder.glob("*.part"))))
+
+phase(3_000, 25)   # every file fills up at 3 kB: writes fail mid-file, and close() fails again
+phase(0, 10)       # nothing can be written, not even a new file's header
+phase(resource.RLIM_INFINITY, 10)  # space again
+cap.close()
+print(json.dumps({"most_parts": max(parts), "counts": cap.take_counts()}))
+"""
+
+
+def test_a_full_disk_leaves_no_part_file_behind_and_the_bound_holds(tmp_path):
+    """Issue #33 item 6: after a failed write, close() fails too; the file must still get its
+    final name (and so be counted and pruned), and a retry that cannot even write a header
+    must not leave an empty file each time."""
+    folder = tmp_path / "capture"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(folder), json.dumps(HEADER)], check=True,
+                         capture_output=True, text=True, timeout=60)
+    report = json.loads(out.stdout)
+    assert report["most_parts"] <= 1  # only the file being written
+    assert not list(folder.glob("*.part"))
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 20_000
+    assert report["counts"]["failed"] > 0 and report["counts"]["written"] > 0
+    assert len(read_capture(folder).conf) >= 40  # the last phase's records, all of them
 
 
 def test_unwritable_folder_counts_failures_and_never_raises(tmp_path):
