@@ -125,12 +125,13 @@ def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = M
 
 def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = None,
           model_store: Path | None = None, management: str = MANAGEMENT, env: dict[str, str] | None = None,
-          token: bool = True, log_config: Path | None = LOG_CONFIG) -> float:
+          token: bool = True, log_config: Path | None = LOG_CONFIG, torchserve: str = TORCHSERVE) -> float:
     """Start TorchServe in the background (working directory ``root``: logs/ and key_file.json
     go there; ``env`` for the server and its workers, default ours) and block until ``model`` has a
     READY worker. Returns seconds from ``torchserve --start`` to READY. ``env`` None: this
     process's environment over ``SERVER_ENV``. ``log_config`` None: the log4j2 configuration inside
-    TorchServe's jar."""
+    TorchServe's jar. ``torchserve``: the launcher of another environment (its workers then run
+    that environment's Python)."""
     t0 = time.monotonic()
     env = {**SERVER_ENV, **os.environ} if env is None else env
     oip_agent.build()  # config.properties starts the frontend with it (quick when it is current)
@@ -138,7 +139,7 @@ def start(model: str, timeout: float, root: Path = ROOT, config: Path | None = N
     (root / "logs").mkdir(exist_ok=True)
     # The daemon inherits these handles: a file, so that no caller's pipe is held open by Java.
     with open(root / "logs" / "torchserve-start.log", "ab") as out:
-        subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
+        subprocess.run([torchserve, "--start", "--ncs", "--ts-config", str(config or ROOT / "config.properties"),
                         "--model-store", str(model_store or ROOT / "model_store"),
                         *(["--log-config", str(log_config)] if log_config else [])], cwd=root, env=env,
                        check=True, stdout=out, stderr=out)
