@@ -1,6 +1,7 @@
 """The docs hold together: every relative link and anchor in README.md and docs/*.md resolves, every
 `make X` they name is a Makefile target, every `python -m X` module and `python path/x.py` script
-they name exists, `make help` lists every target, and the README's layout table matches the tree.
+they name exists, every section that links a measured result (docs/results/) names a command,
+`make help` lists every target, and the README's layout table matches the tree.
 
 `doc_problems` is the checker; it runs on the real tree and on a copy with planted faults, which it
 must report (so a checker that finds nothing cannot pass)."""
@@ -22,6 +23,7 @@ CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 MAKE = re.compile(r"(?<![\w./-])make((?:\s+[^\s`]+)+)")
 PY_MODULE = re.compile(r"(?<![\w/.-])(?:\S*/)?python3?\s+-m\s+([A-Za-z_][\w.]*)")
 PY_SCRIPT = re.compile(r"(?<![\w/.-])(?:\S*/)?python3?\s+((?:[\w.-]+/)*[\w.-]+\.py)\b")
+COMMAND = re.compile(r"python3? (?:-m )?[\w./]+|make [a-z][\w-]*|pytest")
 TARGET = re.compile(r"^([A-Za-z0-9][\w.-]*(?:[ \t]+[A-Za-z0-9][\w.-]*)*)[ \t]*:(?![=:])", re.M)
 
 
@@ -68,6 +70,19 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
+def sections(text: str) -> list[tuple[str, str]]:
+    """(heading, text) of each section, headings read outside fenced code."""
+    out, heading, lines, fenced = [], "", [], False
+    for line in text.splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+        if not fenced and re.match(r"^#{1,6}\s", line):
+            out.append((heading, "\n".join(lines)))
+            heading, lines = line.lstrip("#").strip(), []
+        lines.append(line)
+    return out + [(heading, "\n".join(lines))]
+
+
 def make_targets(makefile: Path) -> set[str]:
     """The Makefile's named targets (not file targets such as $(VENV)/.installed, not .PHONY)."""
     out = set()
@@ -93,6 +108,10 @@ def doc_problems(root: Path) -> list[str]:
     for doc in doc_files(root):
         name = doc.relative_to(root)
         prose, code = split_code(doc.read_text())
+        for heading, text in sections(doc.read_text()):  # a measured result names what measured it
+            results = re.findall(r"\]\(((?:docs/)?results/[^)#]+)", text)
+            if results and not COMMAND.search(text):
+                problems.append(f"{name}: section {heading!r} links {results[0]} but names no command")
         for line in prose:
             for m in LINK.finditer(line):
                 target = m.group(1)
@@ -177,13 +196,15 @@ def test_the_checker_reports_what_the_fixture_plants(tree_copy):
     readme.write_text(readme.read_text() + "\nSee [the gone page](docs/gone.md) and [a heading](docs/api.md#no-such).\n"
                       "\n```bash\nmake serv\npython -m bench.no_such_bench\npython calibration/no_such.py\n```\n")
     page = tree_copy / "docs" / "api.md"
-    page.write_text(page.read_text() + "\nBack to [the results](results/gone.json) and [this page](#tokens-gone).\n")
+    page.write_text(page.read_text() + "\nBack to [the results](results/gone.json) and [this page](#tokens-gone).\n"
+                    "\n## A figure from nowhere\n\n12.3 img/s ([benchmarks.json](results/benchmarks.json)).\n")
     assert doc_problems(tree_copy) == [
         "README.md: link to docs/gone.md: docs/gone.md does not exist",
         "README.md: link to docs/api.md#no-such: no heading #no-such in api.md",
         "README.md: `make serv`: no such target in the Makefile",
         "README.md: `python -m bench.no_such_bench`: no such module",
         "README.md: `python calibration/no_such.py`: no such script",
+        "docs/api.md: section 'A figure from nowhere' links results/benchmarks.json but names no command",
         "docs/api.md: link to results/gone.json: results/gone.json does not exist",
         "docs/api.md: link to #tokens-gone: no heading #tokens-gone in api.md",
     ]
