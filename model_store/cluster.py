@@ -11,9 +11,9 @@ TorchServe's token auth is off inside; the gateway is the only door:
 
 - API keys come from a file, one per line (``--api-keys``; default logs/cluster/api_keys,
   generated on first start with mode 0600). A request without ``Authorization: Bearer KEY`` for
-  one of them gets a 401 JSON error from HAProxy and never reaches TorchServe; the header is
-  removed before forwarding and HAProxy's log format records no headers. /ping and
-  /v2/health/{live,ready} answer without a key (load balancers and probes).
+  one of them (scheme in any case, the key exactly) gets a 401 JSON error from HAProxy and never
+  reaches TorchServe; the header is removed before forwarding and HAProxy's log format records no
+  headers. /ping and /v2/health/{live,ready} answer without a key (load balancers and probes).
 - HAProxy health-checks GET /ping every second (down after 2 failures, up after 2 passes),
   retries a request on another replica when a connection fails, and times out slow clients
   (10 s for the request head, 30 s idle).
@@ -119,6 +119,20 @@ def replica_config(cluster: Cluster, r: Replica, model_store: Path, load_models:
     return write_config(r.home / "config.properties", model_store, ports, overrides=overrides)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 whatever mode an older file had: a new file
+    (created 0600) renamed over it, so the secret is never readable by others, even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def api_keys(path: Path) -> list[str]:
     """The keys of a key file (one per line, '#' comments); creates the file with one key if absent."""
     if not path.exists():
@@ -164,8 +178,11 @@ defaults
 frontend gateway
     bind 127.0.0.1:{cluster.gateway_port}
     acl health path /ping /v2/health/live /v2/health/ready
-    acl known_key req.hdr(authorization) -m str -f {keys_acl}
-    http-request return status 401 content-type application/json string '{unauthorized}' if !health !known_key
+    # The whole header (req.fhdr: req.hdr would cut it at commas, which keys may hold); the
+    # scheme in any case (RFC 7235), the key compared exactly.
+    acl bearer req.fhdr(authorization) -m reg -i ^bearer[[:space:]]+[^[:space:]]+$
+    acl known_key req.fhdr(authorization),regsub(^[^[:space:]]+[[:space:]]+,) -m str -f {keys_acl}
+    http-request return status 401 content-type application/json string '{unauthorized}' if !health !bearer or !health !known_key
     http-request del-header authorization
     default_backend torchserve
 
@@ -203,9 +220,7 @@ def start_gateway(cluster: Cluster, keys_file: Path) -> subprocess.Popen:
     gw = cluster.home / "gateway"
     gw.mkdir(parents=True, exist_ok=True)
     acl = gw / "keys.acl"
-    fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(f"Bearer {k}\n" for k in api_keys(keys_file)))
+    write_private(acl, "".join(f"{k}\n" for k in api_keys(keys_file)))
     cfg = gw / "haproxy.cfg"
     cfg.write_text(haproxy_config(cluster, acl))
     subprocess.run([HAPROXY, "-c", "-q", "-f", str(cfg)], check=True)

@@ -22,6 +22,7 @@ from tests.integration.test_metrics import send_mix
 
 pytestmark = pytest.mark.integration
 KEY = "test-key-" + "k" * 24
+COMMA_KEY = "test,key," + "c" * 24  # commas are allowed in keys (api_keys refuses only spaces)
 PROM_PORT = 19093
 
 
@@ -36,9 +37,13 @@ def cluster(tmp_path_factory, tiny_checkpoint, tiny_thresholds, tiny_gallery):
     build_archive(tiny_checkpoint, store, thresholds=tiny_thresholds, gallery_dir=tiny_gallery,
                   capture_dir=tmp / "capture")
     keys = tmp / "api_keys"
-    keys.write_text(f"# test keys\n{KEY}\n")
+    keys.write_text(f"# test keys\n{KEY}\n{COMMA_KEY}\n")
     c = cl.Cluster(home=tmp / "cluster", replicas=3, gateway_port=18090, base_port=18100,
                    base_worker_port=19500)
+    # A keys.acl left world-readable by an earlier run: rewriting it must make it 0600 again.
+    (c.home / "gateway").mkdir(parents=True)
+    (c.home / "gateway" / "keys.acl").write_text("stale\n")
+    (c.home / "gateway" / "keys.acl").chmod(0o644)
     try:
         cl.start(c, ["mrl_resnet50"], keys, model_store=store, load_models="mrl_resnet50.mar", timeout=240)
         yield c, store
@@ -99,6 +104,22 @@ def test_no_key_or_a_wrong_key_is_401_at_the_gateway(cluster, auth):
     assert r.status == 401 and r.body["code"] == 401 and "API key" in r.body["message"]
     time.sleep(0.5)
     assert _served(c) == before and _access_lines(c) == lines  # it never reached TorchServe
+
+
+@pytest.mark.parametrize("auth", [f"bearer {KEY}", f"BEARER  {KEY}", f"Bearer {COMMA_KEY}"])
+def test_the_scheme_is_case_insensitive_and_a_key_may_hold_commas(cluster, auth):
+    """RFC 7235: the auth scheme is case-insensitive; HAProxy's req.hdr() would split the header
+    at its commas, so a key with commas never matched."""
+    c, _ = cluster
+    r = Client(c.gateway, None).predict(_image(), headers={"Authorization": auth})
+    assert r.status == 200, (auth, r.status, r.body)
+
+
+def test_the_gateway_keys_file_is_0600_whatever_its_mode_was(cluster):
+    c, _ = cluster
+    acl = c.home / "gateway" / "keys.acl"
+    assert acl.stat().st_mode & 0o777 == 0o600
+    assert KEY in acl.read_text() and "stale" not in acl.read_text()
 
 
 def test_health_answers_without_a_key(cluster):
