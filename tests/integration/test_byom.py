@@ -7,7 +7,8 @@ the repository root, so it runs in a copy of the working tree (its tracked and u
 without docs/, tests/ and the checkpoints: han1000 is not built there) with this .venv linked, in
 a network namespace of its own (`unshare --net`, its own loopback) so that those ports cannot
 collide with a server already running on this machine, and with its own TMPDIR, where TorchServe
-keeps its pid file, so that `make stop` stops this server only."""
+keeps its pid file, so that `make stop` stops this server only. The page asks for the project's
+environment to be active; here its bin/ is first on PATH, as `source .venv/bin/activate` puts it."""
 from __future__ import annotations
 
 import json
