@@ -3,18 +3,25 @@ one Query API call whose nested ``prefetch`` runs the shortlist and the query re
 
     python -m retrieval.qdrant upload --gallery galleries/han-100k --url http://qdrant:6333 [--funnel rerank]
     python -m retrieval.qdrant check  --gallery galleries/han-100k --checkpoint CKPT --queries han1000:test
+    python -m retrieval.qdrant check  ... --url http://qdrant:6333 --collection han-100k   # a served one, read only
 
 Each point is one gallery item: its id is the item's position in the gallery, its payload the
 label and item id, and its vectors the separately normalised prefixes the funnel uses, named
 ``d{m}`` (the default funnel needs two: ``d32`` and ``d2048``). Qdrant scores them by cosine, as
 the in-process search does, so a funnel asked of Qdrant and of retrieval.search gives the same
 neighbours; ``check`` compares the two on real queries (qdrant-client's local mode by default, or a
-server with --url). Needs ``pip install qdrant-client`` (the tests pin it).
+server with --url). ``check`` never writes to a collection it did not make: it uploads the gallery
+(or its first ``--items``) into a scratch collection of its own and deletes it afterwards, or, given
+``--collection``, only reads that one. ``upload`` (re)creates the collection it names. A server's
+API key comes from ``--api-key`` or the ``QDRANT_API_KEY`` environment variable. Needs ``pip
+install qdrant-client`` (the tests pin it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import sys
 from typing import Sequence
 
@@ -114,12 +121,22 @@ def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict:
             "differing_queries": np.flatnonzero(~same_set).tolist()}
 
 
-def connect(url: str | None, path: str | None = None):
+def connect(url: str | None, path: str | None = None, api_key: str | None = None):
+    """A client of the server at ``url`` (with ``api_key``), else qdrant-client's local mode on
+    disk at ``path`` or in memory."""
     from qdrant_client import QdrantClient
 
     if url:
-        return QdrantClient(url=url, timeout=120)
+        return QdrantClient(url=url, api_key=api_key or None, timeout=120)
     return QdrantClient(path=path) if path else QdrantClient(":memory:")
+
+
+def scratch_name(client, base: str) -> str:
+    """A collection name for ``check`` alone: never one that exists (a served collection)."""
+    while True:
+        name = f"{base}-check-{secrets.token_hex(4)}"
+        if not client.collection_exists(name):
+            return name
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,8 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
         s.add_argument("--gallery", required=True)
         s.add_argument("--url", default=None, help="a Qdrant server; default: qdrant-client's local mode")
         s.add_argument("--path", default=None, help="local mode on disk instead of in memory")
-        s.add_argument("--collection", default=None, help="default: the gallery folder's name")
+        s.add_argument("--api-key", default=os.environ.get("QDRANT_API_KEY"),
+                       help="the server's API key (default: $QDRANT_API_KEY)")
         s.add_argument("--funnel", default="rerank", choices=sorted(FUNNELS))
+    sub.choices["upload"].add_argument("--collection", default=None,
+                                       help="default: the gallery folder's name; (re)created")
+    sub.choices["check"].add_argument("--collection", default=None,
+                                      help="an existing collection of the whole gallery to compare, read "
+                                           "only; default: a scratch collection, uploaded and deleted")
     c = sub.choices["check"]
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--queries", required=True, help="a data spec never in the gallery")
@@ -142,29 +165,60 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the gallery's first N items only (local mode filters in Python: about 5 s a "
                         "query at 100,000 items on 2 cores)")
     args = p.parse_args(argv)
+    if args.cmd == "check" and args.collection and args.items:
+        raise SystemExit("check --collection compares a whole collection: drop --items")
 
-    from tqdm import tqdm
     from handler.checkpoint import file_sha256
     sha = file_sha256(args.checkpoint) if args.cmd == "check" else None
     gallery = Gallery.open(args.gallery, checkpoint_sha256=sha, hnsw=False)
     if getattr(args, "items", None):
         gallery = gallery.subset(args.items)
-    client = connect(args.url, args.path)
-    collection = args.collection or gallery.folder.name
-    bar = tqdm(total=len(gallery), desc=f"upload to {collection}", unit="item", file=sys.stderr)
-    upload(client, collection, gallery, funnel_dims([args.funnel]), progress=lambda done: bar.update(done - bar.n))
-    bar.close()
-    if args.cmd == "upload":
-        return {"collection": collection, "points": len(gallery)}
+    client = connect(args.url, args.path, args.api_key)
+    try:
+        if args.cmd == "upload":
+            collection = args.collection or gallery.folder.name
+            _upload_with_bar(client, collection, gallery, args.funnel)
+            return {"collection": collection, "points": len(gallery)}
+        if args.collection:
+            return _check(client, args.collection, gallery, sha, args, argv)
+        collection = scratch_name(client, gallery.folder.name)
+        try:
+            _upload_with_bar(client, collection, gallery, args.funnel)
+            return _check(client, collection, gallery, sha, args, argv)
+        finally:
+            client.delete_collection(collection)
+    finally:
+        client.close()
 
+
+def _upload_with_bar(client, collection: str, gallery: Gallery, funnel: str) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(gallery), desc=f"upload to {collection}", unit="item", file=sys.stderr)
+    upload(client, collection, gallery, funnel_dims([funnel]), progress=lambda done: bar.update(done - bar.n))
+    bar.close()
+
+
+def _check(client, collection: str, gallery: Gallery, sha: str, args, argv) -> dict:
     from retrieval.build_index import embed
     from retrieval import search as local
+
+    n = describe(client, collection)["n"]
+    if n != len(gallery):
+        raise SystemExit(f"collection {collection} holds {n} points, the gallery {len(gallery)} items")
     queries, _ = embed(args.checkpoint, args.queries, limit=args.limit)
     ours = local.search(gallery, queries, args.k, args.funnel)
     theirs, _ = search(client, collection, queries, args.k, args.funnel, checkpoint_sha256=sha)
-    report = {"command": "python -m retrieval.qdrant " + " ".join(argv or sys.argv[1:]),
+    words = list(argv or sys.argv[1:])
+    for i, word in enumerate(words):  # never write the key into a report
+        if word == "--api-key" and i + 1 < len(words):
+            words[i + 1] = "***"
+        elif word.startswith("--api-key="):
+            words[i] = "--api-key=***"
+    report = {"command": "python -m retrieval.qdrant " + " ".join(words),
               "gallery": str(gallery.folder), "items": len(gallery), "queries": args.queries, "k": args.k,
               "funnel": args.funnel, "stages": ours.stages, "backend": args.url or "qdrant-client local mode",
+              "collection": collection if args.collection else "scratch (deleted)",
               **agreement(ours.index, theirs)}
     print(json.dumps(report))
     if args.out:
