@@ -6,13 +6,15 @@ One path from bytes to model input: ``decode_image`` (bytes -> PIL image, valida
 """
 from __future__ import annotations
 
+import ctypes
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from handler.errors import InputError
 
@@ -86,37 +88,127 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def crop_image(img: Image.Image, spec: Preprocessing, *, draft: bool = True) -> np.ndarray:
-    """Decode (if needed), convert, resize the shorter side and centre-crop to a uint8 array.
+    """Decode (if needed), resize the shorter side and centre-crop, convert, to a uint8 array.
 
     Returns (crop, crop) for "L" or (crop, crop, 3) for "RGB". For JPEG, ``draft`` lets libjpeg
     decode at a reduced scale (1/2, 1/4, 1/8) that still covers the resize target, which skips
     most of the IDCT work before the resize.
+
+    Memory: the full-size pixels are decoded once and copied at full size at most once (see
+    ``_resizable``). The EXIF turn is applied to the (crop, crop) result, not to the whole image:
+    the centre box is a square about the centre, the same region before and after a turn, so only
+    rounding differs (at most 1 of 255: Pillow rounds between its row and column passes).
     """
     try:
         if draft and img.format == "JPEG":
             img.draft(spec.color_mode, (spec.resize, spec.resize))
-        img = ImageOps.exif_transpose(img)  # decodes; honours the EXIF orientation tag
-        img = _to_mode(img, spec.color_mode)
-        img = img.resize((spec.crop, spec.crop), _RESAMPLE[spec.interpolation],
-                         box=_center_crop_box(img.size, spec.resize, spec.crop))
-        return np.asarray(img, dtype=np.uint8)
+        turn = _EXIF_TRANSPOSE.get(img.getexif().get(_ORIENTATION, 1))  # JPEG: read from the header
+        src, box = _resizable(img, spec)  # decodes
+        small = src.resize((spec.crop, spec.crop), _RESAMPLE[spec.interpolation], box=box)
+        del src  # a conversion, if one was needed, goes now
+        if turn is not None:
+            small = small.transpose(turn)
+        return np.asarray(_to_mode(small, spec.color_mode), dtype=np.uint8)
     except InputError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise InputError(f"image data is corrupt or truncated: {exc}", reason="decode") from None
 
 
+def decoded_bytes(img: Image.Image) -> int:
+    """About how many bytes an image's decoded pixels take (after any JPEG draft): Pillow keeps
+    1 byte a pixel for "1", "L" and "P", 2 for 16-bit and 4 for the rest (RGB included)."""
+    per_pixel = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
+    return img.width * img.height * per_pixel
+
+
+def release_freed_memory() -> bool:
+    """Hand the process's freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    The server's malloc settings (``SERVER_ENV`` in model_store/serve.py) keep freed memory in
+    the process so that the forward pass does not page-fault its activations afresh each batch;
+    a large image's one-off pixel buffers would then stay resident for the worker's lifetime.
+    Call this after such an image is gone (``decoded_bytes`` above ``RELEASE_BYTES``); the next
+    forward pass page-faults its activations once. False where the C library has no malloc_trim.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):  # not glibc: nothing to call
+            _malloc_trim = False
+    if not _malloc_trim:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim = None
+# Decoded pixels above this many bytes (a 3000x3000 RGB PNG; JPEGs are decoded at a reduced scale)
+# are handed back to the OS once the image is gone: below it, what the heap keeps is bounded by it.
+RELEASE_BYTES = 32 * 2**20
+_ORIENTATION = 0x0112
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I")  # grayscale that Pillow may also call "I"
+_STRIP_ROWS = 256  # rows composited onto white at a time: small temporaries whatever the width
+
+
+def _resizable(img: Image.Image, spec: Preprocessing) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """The decoded image in a mode to resample in, and the centre box to resample, copying as
+    little as gives the same pixels.
+
+    16-bit stays 16-bit (scaled to 8 bits after the resize, on the crop: no float64 copy of the
+    whole image); grayscale for an RGB model is resampled as one channel and replicated after (the
+    same pixels). Transparency is composited onto white, and other modes converted as they always
+    were, but only over the pixels that the resize reads (the box and its filter's reach), and
+    for transparency strip by strip: the same pixels as converting the whole image first.
+    """
+    img.load()
+    mode = spec.color_mode
+    box = _center_crop_box(img.size, spec.resize, spec.crop)
+    alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info)
+    if not alpha and (img.mode in _SIXTEEN_BIT or img.mode == mode or (img.mode == "L" and mode == "RGB")):
+        return img, box
+    left, top, right, bottom = _filter_reach(img.size, box, spec)
+    box = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+    if alpha:
+        return _onto_white(img, mode, (left, top, right, bottom)), box
+    return img.crop((left, top, right, bottom)).convert(mode), box
+
+
+def _filter_reach(size: tuple[int, int], box, spec: Preprocessing) -> tuple[int, int, int, int]:
+    """The pixels that resizing ``box`` to (crop, crop) reads: the box widened by the filter's
+    support (1 for bilinear, 2 for bicubic, times the downscale) and 2 pixels more."""
+    scale = (box[2] - box[0]) / spec.crop
+    margin = math.ceil((2.0 if spec.interpolation == "bicubic" else 1.0) * max(scale, 1.0)) + 2
+    return (max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin),
+            min(size[0], math.ceil(box[2]) + margin), min(size[1], math.ceil(box[3]) + margin))
+
+
+def _onto_white(img: Image.Image, mode: str, region: tuple[int, int, int, int]) -> Image.Image:
+    """``region`` of ``img`` composited onto white, as a viewer would show it, in ``mode``: the
+    same pixels as compositing the whole image at once, without full-size RGBA copies."""
+    left, top, right, bottom = region
+    out = Image.new(mode, (right - left, bottom - top))
+    background = None
+    for y in range(top, bottom, _STRIP_ROWS):
+        strip = img.crop((left, y, right, min(y + _STRIP_ROWS, bottom))).convert("RGBA")
+        if background is None or background.size != strip.size:
+            background = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(background, strip).convert(mode), (0, y - top))
+    return out
+
+
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """A (crop, crop) image to ``mode``: 16 bits to 8 (v / 257, rounded), grayscale to RGB."""
     if img.mode == mode:
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale (Pillow may say "I"): to 8 bits
-        arr = np.asarray(img, dtype=np.float64)
+    if img.mode in _SIXTEEN_BIT:
+        arr = np.asarray(img, dtype=np.float64)  # (crop, crop): small
         img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite transparency onto white, as a viewer would show it.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
     return img.convert(mode)
 
 

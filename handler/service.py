@@ -23,7 +23,8 @@ from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
 from handler.engine import Engine, bf16_supported, choose_numerics, resolve_numerics
 from handler.errors import InputError
 from handler.metrics import MetricsSink, NullSink
-from handler.preprocess import MAX_PIXELS, Normalizer, crop_image, decode_image
+from handler.preprocess import (MAX_PIXELS, RELEASE_BYTES, Normalizer, crop_image, decode_image,
+                                 decoded_bytes, release_freed_memory)
 from handler.oip import V2Request, parse_v2, v2_body, v2_error, v2_response
 from handler.requests import Options, parse_item
 from handler.thresholds import OperatingPoints, numerics_sets, parse_thresholds
@@ -150,7 +151,9 @@ class MRLService:
                   default_point=self.points.default, num_classes=len(self.card.classes),
                   gallery_size=len(self.gallery) if self.gallery is not None else None)
         t0 = time.perf_counter()
+        largest = 0  # bytes of the largest decoded image (after a JPEG draft)
         for i, item in enumerate(items):
+            img = None
             try:
                 body = v2_body(item)  # parsed once: raw JSON bytes arrive from clients without a Content-Type
                 if body is not None:
@@ -169,6 +172,11 @@ class MRLService:
             except Exception:  # a fault of ours while reading this item: it alone gets a 500
                 log.exception("reading item %d of a batch of %d failed", i, len(items))
                 out[i] = self._internal_error("reading the request", v2=i in v2)
+            if img is not None:
+                largest = max(largest, decoded_bytes(img))
+        img = None  # the last image's pixels go before the forward pass
+        if largest > RELEASE_BYTES:  # one-off buffers back to the OS, not kept by SERVER_ENV's malloc
+            release_freed_memory()
         t1 = time.perf_counter()
         self.sink.emit("mrl_stage_seconds", t1 - t0, (self.name, "decode"))
 

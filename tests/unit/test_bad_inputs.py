@@ -130,7 +130,10 @@ def test_exif_orientation_6_crop_equals_the_physically_rotated_image(service, sp
     reference = crop_image(decode_image(encode(Image.fromarray(np.ascontiguousarray(rotated)), "PNG")), spec)
     got = crop_image(decode_image(tagged), spec)
     assert got.shape == reference.shape
-    assert np.array_equal(got, reference)
+    # The crop is turned after it is resampled (the full-size image is never copied to turn it):
+    # Pillow resamples rows then columns, rounding in between, so a turn swaps where it rounds.
+    diff = np.abs(got.astype(int) - reference)
+    assert diff.max() <= 1, (diff.max(), diff.mean())  # 12 % of values off by 1 here (ImageNet crop)
     assert not np.array_equal(got, crop_image(decode_image(plain), spec))  # the tag changed something
 
 
