@@ -7,13 +7,19 @@
 Layout (all loopback): replica i serves inference on 8180+10i, management 8181+10i, metrics
 8182+10i, gRPC 8183+10i/8184+10i, with its worker ports from 9100+100i. Each runs in its own
 folder under logs/cluster/ with its own TMPDIR (TorchServe keeps one pid file per temp dir).
-TorchServe's token auth is off inside; the gateway is the only door:
+The gateway is the only door that opens without a replica's own keys:
 
 - API keys come from a file, one per line (``--api-keys``; default logs/cluster/api_keys,
   generated on first start with mode 0600). A request without ``Authorization: Bearer KEY`` for
   one of them (scheme in any case, the key exactly) gets a 401 JSON error from HAProxy and never
   reaches TorchServe; the header is removed before forwarding and HAProxy's log format records no
   headers. /ping and /v2/health/{live,ready} answer without a key (load balancers and probes).
+- Each replica keeps TorchServe's token auth on, so that nobody else on the machine calls its
+  inference, management or gRPC ports (they all listen on loopback) without its keys, which
+  TorchServe writes to key_file.json (0600) in the replica's folder. The gateway hands each
+  request to a small per-replica proxy on a Unix socket (mode 0600, in a 0700 folder) that adds
+  that replica's inference key; a restarted replica's new key reaches HAProxy through its admin
+  socket. The metrics ports need no key (Prometheus).
 - HAProxy health-checks GET /ping every second (down after 2 failures, up after 2 passes),
   retries a request on another replica when a connection fails, and times out slow clients
   (10 s for the request head, 30 s idle).
@@ -31,17 +37,22 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.serve import ROOT, SERVER_ENV, processes, start as start_server, stop as stop_server, wait_ready, write_config
+from model_store.serve import (ROOT, SERVER_ENV, processes, read_keys, start as start_server, stop as stop_server,
+                               wait_ready, write_config)
 
 CLUSTER = ROOT / "logs" / "cluster"
 GATEWAY_PORT = 8080
 BASE_PORT = 8180
 BASE_WORKER_PORT = 9100
 HAPROXY = "haproxy"  # Debian package haproxy (setup/debian-packages.txt)
+# TorchServe's keys expire (60 minutes by default) and the gateway cannot renew them by itself:
+# a replica's keys live as long as the replica, here ten years. They never leave the machine.
+TOKEN_LIFETIME_MIN = 10 * 365 * 24 * 60
 
 
 @dataclass(frozen=True)
@@ -97,18 +108,32 @@ class Cluster:
         return f"http://127.0.0.1:{self.gateway_port}"
 
     @property
+    def _key(self) -> str:
+        return hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+
+    @property
     def stats_socket(self) -> Path:
         """HAProxy's admin socket: in the temp dir under a short name keyed by this cluster's folder,
         since a Unix socket path must fit in 107 bytes and a checkout's path may not."""
-        key = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"mrl-haproxy-{key}.sock"
+        return Path(tempfile.gettempdir()) / f"mrl-haproxy-{self._key}.sock"
+
+    @property
+    def socket_dir(self) -> Path:
+        """The folder (0700) of the per-replica proxies' Unix sockets, short for the same reason."""
+        return Path(tempfile.gettempdir()) / f"mrl-gateway-{self._key}"
+
+    @property
+    def key_map(self) -> Path:
+        """Each replica's inference key (``replica0 KEY`` lines, 0600), which HAProxy adds."""
+        return self.home / "gateway" / "replica_keys.map"
 
 
 def replica_config(cluster: Cluster, r: Replica, model_store: Path, load_models: str | None) -> Path:
     r.home.mkdir(parents=True, exist_ok=True)
     (r.home / "tmp").mkdir(exist_ok=True)
     overrides = {
-        "disable_token_authorization": "true",  # the gateway authenticates; instances are loopback-only
+        "disable_token_authorization": "false",  # every other local user would reach the ports
+        "token_expiration_min": str(TOKEN_LIFETIME_MIN),
         "grpc_inference_port": str(r.port("grpc_inference")),
         "grpc_management_port": str(r.port("grpc_management")),
         "initial_worker_port": str(cluster.base_worker_port + 100 * r.index),
@@ -147,8 +172,39 @@ def api_keys(path: Path) -> list[str]:
     return keys
 
 
+def replica_key(r: Replica) -> str:
+    """The inference key that replica ``r``'s TorchServe wrote at its last start."""
+    return read_keys(r.home)["inference"]
+
+
+def _proxy(cluster: Cluster, r: Replica) -> str:
+    """The per-replica proxy, the only place that sends ``r``'s key: HAProxy cannot add a header
+    per server of one backend, so each server of the balanced backend is one of these, on a Unix
+    socket that only this user can open. It health-checks its replica (GET /ping with the key)
+    and marks it down at the first refused connection (observe layer4: TorchServe's own 5xx never
+    count), and the balanced backend's server tracks that state: a request retried after a dead
+    replica is then sent to another one, as it was when the gateway connected to the replicas
+    directly. It never retries by itself and answers no error of its own (an empty errorfile
+    closes the connection instead), so the balanced backend retries as on a lost connection."""
+    key = f'"Bearer %[str({r.name}),map({cluster.key_map})]"'
+    return f"""
+listen {r.name}
+    bind unix@{cluster.socket_dir / f"{r.name}.sock"} mode 600
+    retries 0
+    timeout server 40s
+    errorfile 502 /dev/null
+    errorfile 503 /dev/null
+    errorfile 504 /dev/null
+    option httpchk
+    http-check send meth GET uri /ping hdr authorization {key}
+    http-check expect status 200
+    http-request set-header authorization {key}
+    server {r.name} 127.0.0.1:{r.port('inference')} check inter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down
+"""
+
+
 def haproxy_config(cluster: Cluster, keys_acl: Path) -> str:
-    servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.port('inference')} check"
+    servers = "\n".join(f"    server {r.name} unix@{cluster.socket_dir / f'{r.name}.sock'} track {r.name}/{r.name}"
                         for r in cluster.members)
     unauthorized = ('{"code": 401, "type": "Unauthorized", '
                     '"message": "missing or unknown API key: send Authorization: Bearer KEY"}')
@@ -163,8 +219,6 @@ global
 
 defaults
     mode http
-    log global
-    option httplog
     timeout connect 2s
     timeout http-request 10s
     timeout client 30s
@@ -177,6 +231,8 @@ defaults
 
 frontend gateway
     bind 127.0.0.1:{cluster.gateway_port}
+    log global
+    option httplog
     acl health path /ping /v2/health/live /v2/health/ready
     # The whole header (req.fhdr: req.hdr would cut it at commas, which keys may hold); the
     # scheme in any case (RFC 7235), the key compared exactly.
@@ -188,11 +244,9 @@ frontend gateway
 
 backend torchserve
     balance leastconn
-    option httpchk GET /ping
-    http-check expect status 200
-    default-server inter 1s fall 2 rise 2 maxconn 64
+    default-server maxconn 64
 {servers}
-"""
+{"".join(_proxy(cluster, r) for r in cluster.members)}"""
 
 
 def prometheus_config(cluster: Cluster) -> str:
@@ -221,6 +275,9 @@ def start_gateway(cluster: Cluster, keys_file: Path) -> subprocess.Popen:
     gw.mkdir(parents=True, exist_ok=True)
     acl = gw / "keys.acl"
     write_private(acl, "".join(f"{k}\n" for k in api_keys(keys_file)))
+    write_private(cluster.key_map, "".join(f"{r.name} {replica_key(r)}\n" for r in cluster.members))
+    cluster.socket_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(cluster.socket_dir, 0o700)  # mkdir's mode yields to the umask, and the folder may be old
     cfg = gw / "haproxy.cfg"
     cfg.write_text(haproxy_config(cluster, acl))
     subprocess.run([HAPROXY, "-c", "-q", "-f", str(cfg)], check=True)
@@ -243,11 +300,50 @@ def start_replica(cluster: Cluster, r: Replica, model_store: Path, models: list[
                   load_models: str | None = None) -> float:
     """Start replica ``r`` and wait until each of ``models`` has a READY worker; seconds taken."""
     config = replica_config(cluster, r, model_store, load_models)
-    took = start_server(models[0], timeout, root=r.home, config=config, model_store=model_store,
-                        management=r.url("management"), env=r.env, token=False)
-    for other in models[1:]:
-        took += wait_ready(other, timeout, r.home, r.url("management"), token=False)
+    os.chmod(r.home, 0o700)  # its key file, its workers' sockets (tmp/), its logs
+    (r.home / "key_file.json").unlink(missing_ok=True)
+    # TorchServe writes its new keys at once, long before READY: hand the gateway the new inference
+    # key then, so that a restarted replica is back UP as soon as it answers /ping.
+    done = threading.Event()
+    publisher = threading.Thread(target=_publish_key_when_written, args=(cluster, r, done, timeout), daemon=True)
+    publisher.start()
+    try:
+        took = start_server(models[0], timeout, root=r.home, config=config, model_store=model_store,
+                            management=r.url("management"), env=r.env)
+        for other in models[1:]:
+            took += wait_ready(other, timeout, r.home, r.url("management"))
+    finally:
+        done.set()
+        publisher.join()
+    publish_key(cluster, r)  # again, in case the thread gave up early
     return took
+
+
+def _publish_key_when_written(cluster: Cluster, r: Replica, done: threading.Event, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and time.monotonic() < deadline:
+        try:
+            publish_key(cluster, r)
+            return
+        except (OSError, ValueError, KeyError):  # not written yet, or half written
+            done.wait(0.1)
+
+
+def publish_key(cluster: Cluster, r: Replica) -> None:
+    """Hand the gateway replica ``r``'s current inference key: into the key map HAProxy reads at
+    start, and, when the gateway runs, into the running HAProxy through its admin socket."""
+    key = replica_key(r)
+    if not cluster.key_map.exists():
+        return  # the gateway has not been started yet: start_gateway writes the map
+    lines = dict(line.split(" ", 1) for line in cluster.key_map.read_text().splitlines() if " " in line)
+    lines[r.name] = key
+    write_private(cluster.key_map, "".join(f"{name} {k}\n" for name, k in lines.items()))
+    try:
+        answer = admin(cluster, f"set map {cluster.key_map} {r.name} {key}")
+    except OSError:
+        return  # no gateway running: it reads the map when it starts
+    if answer.strip():
+        raise RuntimeError(f"HAProxy refused the new key of {r.name}: {answer.strip()}")
 
 
 def start(cluster: Cluster, models: list[str], keys_file: Path, *, model_store: Path = ROOT / "model_store",
@@ -301,15 +397,20 @@ def wait_status(cluster: Cluster, name: str, prefix: str, timeout: float = 60) -
     raise TimeoutError(f"{name} not {prefix} after {timeout} s: {gateway_stats(cluster)[name]}")
 
 
-def gateway_stats(cluster: Cluster) -> dict[str, dict[str, str]]:
-    """HAProxy's ``show stat`` for the backend's servers: {replica name: {status, scur, stot, ...}}."""
+def admin(cluster: Cluster, command: str) -> str:
+    """One command on HAProxy's admin socket; its answer."""
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(cluster.stats_socket))
-        s.sendall(b"show stat\n")
+        s.sendall(command.encode() + b"\n")
         raw = b""
         while chunk := s.recv(65536):
             raw += chunk
-    lines = raw.decode().splitlines()
+    return raw.decode()
+
+
+def gateway_stats(cluster: Cluster) -> dict[str, dict[str, str]]:
+    """HAProxy's ``show stat`` for the backend's servers: {replica name: {status, scur, stot, ...}}."""
+    lines = admin(cluster, "show stat").splitlines()
     header = lines[0].lstrip("# ").split(",")
     rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
     return {row["svname"]: row for row in rows

@@ -4,6 +4,8 @@ real Prometheus scraping every replica, with every dashboard query answered per 
 
 The model is the suite's tiny random MRL ResNet50 with thresholds that spread exits over sizes, so
 that escalations, every exit size and errors show up on each replica."""
+import datetime
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import pytest
 
 from client.http import Client, run_load
 from model_store import cluster as cl
+from model_store.serve import describe, read_keys
 from monitoring import prometheus
 from monitoring.queries import dashboard_queries
 from tests import deps
@@ -122,6 +125,85 @@ def test_the_gateway_keys_file_is_0600_whatever_its_mode_was(cluster):
     assert KEY in acl.read_text() and "stale" not in acl.read_text()
 
 
+def _call(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None) -> int:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _grpc_status(port: int, method: str, request: bytes = b"", key: str | None = None):
+    """A unary gRPC call with a hand-encoded request (TorchServe ships no Python stubs)."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            call(request, timeout=10, metadata=[("authorization", f"Bearer {key}")] if key else None)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            return exc.code()
+
+
+def _predictions_request(model: str, image: bytes) -> bytes:
+    """PredictionsRequest{model_name=model, input={"data": image}} in protobuf wire format."""
+    def field(number: int, payload: bytes) -> bytes:
+        n, varint = len(payload), b""
+        while True:
+            varint += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                break
+        return bytes([number << 3 | 2]) + varint + payload
+    return field(1, model.encode()) + field(3, field(1, b"data") + field(2, image))
+
+
+@pytest.mark.parametrize("auth", [None, f"Bearer {KEY}"])
+def test_a_replica_refuses_direct_calls_without_its_own_key(cluster, auth):
+    """Issue #33 item 2: anyone on the machine reached a replica's inference, management and gRPC
+    ports without a key (token auth was off inside). The gateway's key opens nothing there either;
+    metrics stay readable for Prometheus."""
+    c, _ = cluster
+    r = c.replica(0)
+    headers = {"Authorization": auth} if auth else {}
+    png = headers | {"Content-Type": "application/octet-stream"}
+    assert _call(f"{r.url('inference')}/predictions/mrl_resnet50", "POST", _image(), png) == 400
+    assert _call(f"{r.url('inference')}/v2/models/mrl_resnet50/ready", headers=headers) == 400
+    assert _call(f"{r.url('management')}/models/mrl_resnet50", headers=headers) == 400
+    assert _call(f"{r.url('management')}/models/mrl_resnet50?min_worker=0", "PUT", headers=headers) == 400
+    key = auth and auth.split()[1]
+    inference = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
+    management = "/org.pytorch.serve.grpc.management.ManagementAPIsService/"
+    denied = __import__("grpc").StatusCode.PERMISSION_DENIED
+    assert _grpc_status(r.port("grpc_inference"), inference + "Predictions",
+                        _predictions_request("mrl_resnet50", _image()), key) == denied
+    assert _grpc_status(r.port("grpc_management"), management + "ListModels", b"", key) == denied
+    assert _call(f"{r.url('metrics')}/metrics") == 200
+    workers = describe("mrl_resnet50", read_keys(r.home)["management"], r.url("management"))["workers"]
+    assert len(workers) == 1  # the PUT above scaled nothing down
+
+
+def test_every_v2_path_reaches_the_replicas_with_their_credentials(cluster):
+    """The gateway forwards any /v2/... path with the chosen replica's own key: each answers as the
+    replica itself answers a caller that holds the key (model metadata and readiness included,
+    whatever TorchServe serves there)."""
+    import base64
+
+    c, _ = cluster
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "data": [base64.b64encode(_image()).decode()]}]}).encode()
+    assert _call(f"{c.gateway}/v2/models/mrl_resnet50/infer", "POST", body,
+                 auth | {"Content-Type": "application/json"}) == 200
+    r = c.replica(0)
+    own = {"Authorization": "Bearer " + read_keys(r.home)["inference"]}
+    for path in ("/v2", "/v2/models/mrl_resnet50", "/v2/models/mrl_resnet50/ready", "/v2/health/ready"):
+        assert _call(c.gateway + path, headers=auth) == _call(r.url("inference") + path, headers=own), path
+    assert _call(c.gateway + "/v2", headers=auth) == 200
+
+
 def test_health_answers_without_a_key(cluster):
     c, _ = cluster
     for path in ("/ping", "/v2/health/ready"):
@@ -181,13 +263,19 @@ def test_a_killed_replica_costs_at_most_its_in_flight_requests_and_rejoins(clust
 
 def test_keys_appear_in_no_log(cluster):
     c, _ = cluster
-    for r in c.members:
-        assert not (r.home / "key_file.json").exists()  # token auth is off inside
-    secret_files = {c.home.parent / "api_keys", c.home / "gateway" / "keys.acl"}
+    replica_keys = [read_keys(r.home)["inference"].encode() for r in c.members]
+    secret_files = {c.home.parent / "api_keys", c.home / "gateway" / "keys.acl",
+                    c.home / "gateway" / "replica_keys.map"} | {r.home / "key_file.json" for r in c.members}
+    for p in secret_files - {c.home.parent / "api_keys"}:
+        assert p.stat().st_mode & 0o777 == 0o600, p
+    for r in c.members:  # TorchServe's default of 60 minutes would lock the gateway out after an hour
+        expires = json.loads((r.home / "key_file.json").read_text())["inference"]["expiration time"]
+        assert datetime.datetime.fromisoformat(expires.replace("Z", "+00:00")).year >= time.gmtime().tm_year + 5
     logs = [p for p in c.home.rglob("*") if p.is_file() and p not in secret_files and p.suffix != ".sock"]
     assert any(p.name == "haproxy.log" for p in logs) and any(p.name == "access_log.log" for p in logs)
     for p in logs:
-        assert KEY.encode() not in p.read_bytes(), p
+        text = p.read_bytes()
+        assert KEY.encode() not in text and not any(k in text for k in replica_keys), p
 
 
 def test_one_prometheus_config_lists_every_replica(cluster):
