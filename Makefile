@@ -18,7 +18,7 @@ REPLICAS ?= 1
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: help setup env serve archive archive-han1000 stop token test test-unit test-integration monitor bench parity clean
+.PHONY: help setup env serve archive archive-han1000 stop token test test-unit test-integration monitor bench parity image clean
 
 help:
 	@echo "make help      this list"
@@ -38,6 +38,7 @@ help:
 	@echo "make monitor   start Prometheus scraping the running server (docs/monitoring.md)"
 	@echo "make bench     the benchmark (docs/performance.md, docs/benchmarks.md)"
 	@echo "make parity    bf16 (where the CPU has it) and int8 against fp32 (docs/results/parity*.json)"
+	@echo "make image     build the runtime image with podman (deploy/kserve/Dockerfile); prints NAME:TAG last"
 	@echo "make clean     remove logs, built archives, key_file.json and pytest's cache"
 
 # The set-up step: Debian packages (JRE, data, Prometheus, fonts). Quick when all are there.
@@ -115,6 +116,11 @@ parity: env
 			--thresholds $(HAN1000)/thresholds.json --data han1000:test; \
 		else echo "han1000: its int8 set has 8-bit activations, which need VNNI; this CPU has none: skipped"; fi; \
 	else echo "han1000: no checkpoint here (docs/models.md); its parity is skipped"; fi
+
+# The runtime image (KServe's and any container platform's), built here with podman from a Debian
+# base; a rebuild with unchanged inputs reuses the cache. The last line printed is NAME:TAG.
+image: env
+	@PY=$(PY) deploy/kserve/build-image.sh
 
 clean:
 	rm -rf logs model_store/*.mar key_file.json .pytest_cache

@@ -89,8 +89,8 @@ def isa_name(isa: dict[str, bool]) -> str:
 
 # ``auto``'s preference per CPU class, fastest first. AMX: int8 188 > bf16 131 img/s > fp32 for the
 # ResNet50 backbone at 224x224 (a probe on an AMX Xeon, ../shared/NOTES.md); AVX2: int8 with 7-bit
-# activations 559 against fp32 305 img/s at batch 8 on the demo (docs/graph_modes_demo.json) and
-# 1.54x at the server (docs/numerics_demo.json). AVX512-BF16 without AMX: int8 (VNNI) first, then
+# activations 559 against fp32 305 img/s at batch 8 on the demo (docs/results/graph_modes_demo.json) and
+# 1.54x at the server (docs/results/numerics_demo.json). AVX512-BF16 without AMX: int8 (VNNI) first, then
 # whichever of fp32 and bf16 this CPU runs faster, which its flags do not tell: on an Intel Xeon
 # bf16 matmuls ran at half the fp32 rate (ImageNet-size server 17.7 against 25.7 img/s), on an AMD
 # EPYC Zen 5 at four times it (62.0 against 31.9; docs/benchmarks.md), so a worker measures it

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # maxBatchDelay: how long the first request of a batch waits for company. Requests that queue while
 # a batch runs join the next one without waiting, so under load batches fill either way; a lone
 # request pays the whole delay. `python -m bench.server_tuning --variants delay5,delay1` (AMD EPYC
-# Zen 5, int8, docs/server_tuning_demo_delay_zen5.json, medians of two ABBA rounds): 1 ms against 5 ms
+# Zen 5, int8, docs/results/server_tuning_demo_delay_zen5.json, medians of two ABBA rounds): 1 ms against 5 ms
 # took one client from 9.8 to 5.0 ms and c=4 from 311 to 390 img/s on the demo model, and cost 8 % at
 # c=16 (811 against 883 img/s). A server mostly runs below saturation, so 1 ms. 0 is no option:
 # TorchServe 0.12 reads 0 in an archive as unset and waits 100 ms.

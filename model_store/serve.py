@@ -35,7 +35,7 @@ LOG_CONFIG = ROOT / "monitoring" / "log4j2.xml"
 # - libgomp's idle compute threads spin 10,000 rounds, not its default 300,000, before they sleep:
 #   between batches that spinning held a core the frontend and the clients needed. `python -m
 #   bench.server_tuning --model han1000 --variants gomp_spin300k,gomp_spin10k,omp_passive` (AMD EPYC
-#   Zen 5, int8, docs/server_tuning_han1000_omp.json, two ABBA rounds, where the default was still
+#   Zen 5, int8, docs/results/server_tuning_han1000_omp.json, two ABBA rounds, where the default was still
 #   called config): c=16 793 against 742 img/s, one client 5.7 against 6.5 ms, the worker at 1.35
 #   against 1.60 cores; never spinning (OMP_WAIT_POLICY=PASSIVE) was slower than both (666 img/s, 8.3 ms).
 SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",

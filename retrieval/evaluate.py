@@ -1,7 +1,7 @@
 """Retrieval quality and cost per search method, side by side in one run.
 
     python retrieval/evaluate.py --gallery galleries/han-100k \\
-        --checkpoint model_store/han1000/mrl_resnet50_fp16.pt --queries han1000:test --out docs/retrieval.json
+        --checkpoint model_store/han1000/mrl_resnet50_fp16.pt --queries han1000:test --out docs/results/retrieval.json
     ... --queries han1000:holdout --limit 2000 --sweep --out F   # single-stage funnels over a grid
     ... --sizes 10000,100000,1000000 --out F                     # cost curve over the first N items
 

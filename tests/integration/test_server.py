@@ -219,11 +219,36 @@ def test_v2_health_is_served_by_torchserve(tiny_server, path, key):
         assert resp.status == 200 and json.load(resp) == {key: True}
 
 
+def test_tritonclient_sees_the_server_and_the_model_ready_and_the_models_metadata(tiny_server):
+    """GET /v2/models/{m} and /v2/models/{m}/ready, which TorchServe 0.12 answers 404, through the
+    OIP agent (model_store/java): what tritonclient and KServe call first (issue #32, acceptance 3)."""
+    from handler.oip import OUTPUTS
+
+    _, client = _triton(tiny_server)
+    auth = {"Authorization": f"Bearer {tiny_server.keys['inference']}"}
+    assert client.is_server_live(headers=auth) and client.is_server_ready(headers=auth)
+    assert client.is_model_ready(tiny_server.model, headers=auth)
+    assert not client.is_model_ready("no_such_model", headers=auth)
+    meta = client.get_model_metadata(tiny_server.model, headers=auth)
+    assert meta["name"] == tiny_server.model and meta["versions"] == ["1.0"]
+    assert meta["platform"] == "pytorch_torchserve"
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [1]}]
+    # The tiny server has a gallery: every output a request can get, neighbours included.
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == OUTPUTS
+    assert client.get_server_metadata(headers=auth)["extensions"] == ["model_metadata", "model_ready"]
+    with pytest.raises(Exception, match="not found"):
+        client.get_model_metadata("no_such_model", headers=auth)
+
+
 def test_the_frontend_jvm_runs_with_the_configured_options(tiny_server):
     """config.properties' vmargs (C1 only, serial GC: bench/server_tuning.py) reach the frontend's JVM."""
     from model_store.serve import ROOT
 
-    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), re.M).group(1).split()
+    from model_store import oip_agent
+
+    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), re.M).group(1)
+    # The OIP agent's jar is named relative to the root in config.properties, absolute elsewhere.
+    vmargs = vmargs.replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}", f"-javaagent:{oip_agent.JAR}").split()
     assert vmargs, "config.properties sets no vmargs"
     frontends = _frontends()
     assert len(frontends) == 1, frontends

@@ -94,7 +94,7 @@ def test_the_crds_are_kserves_unmodified():
 def test_every_manifest_validates():
     docs = documents()
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["InferenceService", "PodDisruptionBudget", "ServingRuntime"]
+    assert kinds == ["InferenceService", "NetworkPolicy", "PodDisruptionBudget", "ServingRuntime"]
     for doc in docs:
         if doc["apiVersion"].startswith("serving.kserve.io/"):
             validate_kserve(doc)
@@ -122,6 +122,27 @@ def test_runtime_and_service_agree():
     assert ts_config["ts_open_inference_protocol"] == "true"
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == {
         "serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+
+
+def test_a_drain_can_take_a_replica_and_only_the_ingress_reaches_the_port():
+    """Issue #33 item 8: minAvailable 1 over minReplicas 1 allowed no disruption (kubectl drain
+    hung); the pod listens on every interface with auth at the ingress, so a NetworkPolicy admits
+    only the ingress path to the inference port and Prometheus to the metrics port."""
+    docs = {d["kind"]: d for d in documents()}
+    predictor = docs["InferenceService"]["spec"]["predictor"]
+    pdb = docs["PodDisruptionBudget"]["spec"]
+    allowed = pdb["maxUnavailable"] if "maxUnavailable" in pdb else predictor["minReplicas"] - pdb["minAvailable"]
+    assert allowed >= 1 and predictor["minReplicas"] >= 2  # a drain proceeds, and one replica keeps serving
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"] == pdb["selector"] and policy["policyTypes"] == ["Ingress"]
+    (container,) = docs["ServingRuntime"]["spec"]["containers"]
+    ports = {p: [r for r in policy["ingress"] if p in [q["port"] for q in r["ports"]]]
+             for p in (container["ports"][0]["containerPort"], 8082)}
+    for port, rules in ports.items():
+        assert rules, f"port {port} admits nobody"
+        for rule in rules:  # every source is a named namespace: no empty (match-all) selector
+            assert all(src["namespaceSelector"]["matchLabels"] for src in rule["from"]), rule
+    assert "env" not in container or "OMP_NUM_THREADS" not in [e["name"] for e in container["env"]]
 
 
 def _broken(kind: str, break_it) -> dict:
@@ -181,6 +202,24 @@ def test_the_image_runs_workers_and_logs_as_make_serve_does():
     from model_store.serve import LOG_CONFIG, SERVER_ENV
 
     text = (DEPLOY / "Dockerfile").read_text()
-    env = dict(kv.split("=", 1) for kv in shlex.split(re.search(r"^ENV (.*)$", text, re.M).group(1)))
+    env = dict(kv.split("=", 1) for line in re.findall(r"^ENV (.*)$", text, re.M) for kv in shlex.split(line))
+    assert env.pop("PATH").startswith("/opt/mrl/bin:")  # the runtime's virtual environment
     assert env == SERVER_ENV
     assert f"monitoring/{LOG_CONFIG.name}" in text and f'"--log-config", "/srv/mrl-serve/{LOG_CONFIG.name}"' in text
+
+
+def test_the_manifests_are_sized_from_the_measured_container():
+    """Issue #32: requests and limits come from the image's measured peak RSS (test_container.py's
+    record in docs/results/container.json, both bundled archives at their default workers, 60 s of 16
+    clients) plus the stated headroom: limit = peak / 0.8, rounded up to 512 MiB; requests = limits."""
+    import json
+    import math
+
+    record = json.loads((ROOT / "docs" / "results" / "container.json").read_text())
+    want_mib = math.ceil(record["peak_rss_hwm_sum_mib"] / 0.8 / 512) * 512
+    docs = {d["kind"]: d for d in documents()}
+    (container,) = docs["ServingRuntime"]["spec"]["containers"]
+    for resources in (container["resources"], docs["InferenceService"]["spec"]["predictor"]["model"]["resources"]):
+        assert resources["limits"] == resources["requests"] == {"cpu": record["limits"]["cpu"], "memory": f"{want_mib}Mi"}
+    assert record["limits"] == container["resources"]["limits"]  # measured under these very limits
+    assert not any(int(k) >= 500 for k in record["statuses"])
