@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -379,6 +380,9 @@ def stop(cluster: Cluster) -> None:
     except (FileNotFoundError, ValueError, ProcessLookupError):
         pass
     _pid_file(cluster).unlink(missing_ok=True)
+    # HAProxy leaves its Unix sockets behind: without this, the temp dir gains a few per start.
+    shutil.rmtree(cluster.socket_dir, ignore_errors=True)
+    cluster.stats_socket.unlink(missing_ok=True)
     for i in range(64):
         r = cluster.replica(i)
         if not r.home.exists():
