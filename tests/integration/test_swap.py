@@ -8,6 +8,7 @@ tests/integration/test_capture.py.)"""
 import json
 import shutil
 import threading
+import zipfile
 
 import pytest
 
@@ -16,6 +17,15 @@ from model_store.serve import swap
 from tests.integration.server import build_archive, running_server
 
 pytestmark = pytest.mark.integration
+
+
+def _replace_in_zip(path, name: str, data: bytes) -> None:
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    assert name in [info.filename for info, _ in entries]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info, content in entries:
+            dst.writestr(info, data if info.filename == name else content)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +45,10 @@ def test_swap_under_load_moves_answers_to_the_new_version_and_fails_nothing(tiny
         staging = tmp_path / "v2"
         build_archive(tiny_checkpoint, staging, thresholds=refit_thresholds, name="tiny", version="2.0")
         shutil.copy(staging / "tiny.mar", tmp_path / "ts" / "model_store" / "tiny-v2.mar")
+        # Version 2's handler code differs from 1's by one line: the swap must swap code too, since
+        # each worker imports the handler package its own archive carries (issue #32).
+        _replace_in_zip(tmp_path / "ts" / "model_store" / "tiny-v2.mar", "handler/__init__.py",
+                        b'print("archive code: tiny 2.0", flush=True)\n')
         client = server.client()
         assert client.predict(test_images[0]).body["operating_point"] == "balanced"
         done, results = threading.Event(), []
@@ -57,3 +71,5 @@ def test_swap_under_load_moves_answers_to_the_new_version_and_fails_nothing(tiny
         print(f"{len(results)} requests during the swap: {points.count('balanced')} by 1.0, "
               f"{points.count('refit')} by 2.0")
         assert after["operating_point"] == "refit"
+        log = (server.root / "logs" / "model_log.log").read_text()
+        assert "archive code: tiny 2.0" in log  # version 2's workers ran version 2's code
