@@ -9,6 +9,8 @@ Modes:
   fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, SERVER_ENV (malloc, libgomp spin);
   bf16      the same with bf16 autocast (what the demo card serves);
   int8      the backbone quantized (PT2E, handler/quantize.py) and compiled ahead of time, fp32 heads;
+  peers     OpenVINO fp32/bf16/int8 on the same checkpoints beside our engine (bench/peers.py; needs
+            the peers extra, else skipped with a note; --no-peers leaves it out);
   auto      bundled models only: the archive built with numerics auto, which serves the fastest
             mode this CPU runs natively whose thresholds set passed parity (handler/engine.py,
             choose_numerics); the report names what it chose and why.
@@ -60,11 +62,17 @@ MODES = {
 }  # and "auto": one of these per model (auto_mode), served from an archive that says auto
 
 
+# The CPU flags (as lscpu prints them) that decide int8 and bf16 speed; the report lists those present.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     isa = cpu_isa()
+    flags = set(next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), []))
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": str(torch.__version__),
-            "python": platform.python_version(), **isa, "isa": isa_name(isa)}
+            "python": platform.python_version(), **isa, "isa": isa_name(isa),
+            "flags": [f for f in SPEED_FLAGS if f in flags]}
 
 
 def cpu_busy(seconds: float = 3.0) -> float:
@@ -281,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=BATCH_DELAY_MS)
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "benchmarks.json"))
+    p.add_argument("--no-peers", action="store_true", help="leave out OpenVINO's side (bench/peers.py)")
     args = p.parse_args(argv)
     args.low_s, args.sat_s = (5, 8) if args.quick else (12, 18)
     args.concurrency = (4, 16) if args.quick else (4, 8, 16)
@@ -337,6 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
                 report["results"][f"{model}/{mode_name}"] = res
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # kept if a later mode fails
+        if not args.no_peers:
+            from bench import peers
+
+            report["peers"] = peers.run(args.models.split(","), ckpts, inputs, tmp, args.batch_size, args.quick)
+            if "skipped" in report["peers"]:
+                report.setdefault("skipped", []).append("peers: " + report["peers"]["skipped"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # the final one, skips included
     print(f"wrote {args.out}")
