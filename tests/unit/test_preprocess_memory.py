@@ -1,7 +1,9 @@
 """Large images through the preprocessing without full-size copies (issue #33 item 1): the crop of
-a 16-bit or RGBA image equals converting first (up to rounding), and under the server's malloc
+a 16-bit image equals scaling to 8 bits first (within 1 of 255), an RGBA one equals compositing
+the whole image first (exactly), and under the server's malloc
 settings a 10 MP 16-bit PNG of a few KiB neither peaks nor stays high in a worker-like process.
 The acceptance test on a real TorchServe worker is tests/integration/test_decode_memory.py."""
+import io
 import json
 import os
 import subprocess
@@ -25,7 +27,7 @@ def test_a_16_bit_crop_equals_scaling_to_8_bits_first(spec):
     rng = np.random.default_rng(1)
     pixels = (np.add.outer(np.arange(300) * 90, np.arange(410) * 60) + rng.integers(0, 4000, (300, 410))) % 65536
     sixteen = encode(Image.fromarray(pixels.astype(np.uint16)), "PNG")
-    assert Image.open(__import__("io").BytesIO(sixteen)).mode == "I;16"
+    assert Image.open(io.BytesIO(sixteen)).mode == "I;16"
     eight = encode(Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8), "L"), "PNG")
     got, want = crop_image(decode_image(sixteen), spec), crop_image(decode_image(eight), spec)
     assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
