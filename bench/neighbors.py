@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         store = tmp / "store"
         store.mkdir()
         archive(ckpt, store, thresholds=folder / "thresholds.json", name="han1000", gallery_dir=args.gallery,
-                workers=1)
+                workers=1, exact_max_items=10**9 if args.exact else None)  # --exact times the full scan
         config = write_config(tmp / "config.properties", store, extra="\nload_models=han1000.mar\n")
         stop(tmp)
         try:

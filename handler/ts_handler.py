@@ -64,6 +64,7 @@ class MRLHandler:
             jpeg_draft=bool(settings.get("jpeg_draft", True)),
             onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics),
             capture=CaptureConfig.from_settings(settings), gallery_dir=settings.get("gallery_dir"),
+            **({"exact_max_items": int(settings["exact_max_items"])} if "exact_max_items" in settings else {}),
             graph_cache=bool(settings.get("graph_cache", True)), numerics=str(settings.get("numerics", "card")))
         t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "

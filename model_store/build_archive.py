@@ -20,6 +20,7 @@ from handler import oip, quantize
 from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.engine import threshold_numerics
+from handler.service import EXACT_MAX_ITEMS
 from handler.thresholds import load_thresholds, numerics_sets
 from retrieval.gallery import read_meta
 
@@ -50,6 +51,7 @@ responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a s
 """
 GALLERY_CONFIG = """\
   gallery_dir: {gallery_dir}   # neighbors requests search this gallery (retrieval/build_index.py)
+  exact_max_items: {exact_max_items}   # funnel=exact (a full scan) is refused above this gallery size
 """
 CAPTURE_CONFIG = """\
   capture_dir: {capture_dir}   # traffic capture for recalibration (handler/capture.py)
@@ -62,6 +64,8 @@ def build(args: argparse.Namespace) -> Path:
     if args.batch_delay < 1:  # TorchServe 0.12 takes 0 for "unset" and waits 100 ms (ModelManager)
         raise ValueError(f"--batch-delay must be at least 1 ms, got {args.batch_delay}: "
                          "TorchServe reads 0 as unset and waits 100 ms")
+    if args.exact_max_items < 0:
+        raise ValueError(f"--exact-max-items must be at least 0, got {args.exact_max_items}")
     if args.queue_size is not None and args.queue_size < 1:
         raise ValueError(f"--queue-size must be at least 1, got {args.queue_size}")
     ckpt = Path(args.checkpoint).resolve()
@@ -98,7 +102,8 @@ def build(args: argparse.Namespace) -> Path:
                     f"jobQueueSize: {args.queue_size}    # requests waiting beyond this get 503 at once\n"}
         config = MODEL_CONFIG.format(**settings)
         if args.gallery_dir:
-            config += GALLERY_CONFIG.format(gallery_dir=json.dumps(str(Path(args.gallery_dir).resolve())))
+            config += GALLERY_CONFIG.format(gallery_dir=json.dumps(str(Path(args.gallery_dir).resolve())),
+                                            exact_max_items=args.exact_max_items)
         if args.capture_dir:
             config += CAPTURE_CONFIG.format(**{**settings, "capture_dir": json.dumps(str(Path(args.capture_dir).resolve()))})
         (stage / "model-config.yaml").write_text(config)
@@ -221,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gallery-dir", default=None,
                    help="serve neighbors requests from this gallery (retrieval/build_index.py), built "
                         "from the same checkpoint; the archive names the folder, it does not copy it")
+    p.add_argument("--exact-max-items", type=int, default=EXACT_MAX_ITEMS,
+                   help="with a gallery: the largest gallery on which funnel=exact (a full scan at 2048 dims) "
+                        f"is served; above it such requests get 400 (default {EXACT_MAX_ITEMS})")
     p.add_argument("--capture-dir", default=None,
                    help="turn traffic capture on, into this folder (per-size max softmax and argmax "
                         "per request, for fit_thresholds.py --unlabeled --data capture:DIR)")

@@ -315,3 +315,18 @@ def test_an_official_format_checkpoint_serves_224_jpegs(tmp_path_factory):
     assert r.status == 200, r.body
     assert r.body["operating_point"] == "fixed_2048" and r.body["embedding_dim"] == 2048
     assert r.body["label"] in imagenet_classes() and len(r.body["top_k"]) == 3
+
+
+def test_the_archives_exact_bound_reaches_the_worker(tiny_checkpoint, tiny_thresholds, tiny_gallery, test_images,
+                                                      tmp_path):
+    """build_archive --exact-max-items lands in the handler block and ts_handler passes it on: on
+    the 200-item gallery a bound of 100 refuses funnel=exact (400), the cascade funnel still answers."""
+    from tests.integration.server import running_server
+
+    with running_server(tmp_path, tiny_checkpoint, thresholds=tiny_thresholds, gallery_dir=tiny_gallery,
+                        exact_max_items=100) as server:
+        client = server.client()
+        refused = client.predict(test_images[0], path=f"/models/{server.model}/invoke?neighbors=3&funnel=exact")
+        assert refused.status == 400 and "up to 100" in refused.body["message"], refused.body
+        ok = client.predict(test_images[0], path=f"/models/{server.model}/invoke?neighbors=3")
+        assert ok.status == 200 and len(ok.body["neighbors"]) == 3
