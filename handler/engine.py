@@ -7,7 +7,10 @@ handler/quantize.py with fp32 heads), the memory format (channels_last) and the 
 * ``jit``     traced and frozen TorchScript (BN folded), any batch size; on CPU with oneDNN Graph
               fusion (conv + add + relu partitions; docs/benchmarks.md has its effect);
 * ``compile`` torch.compile with inductor freezing, compiled for each serving batch size at start;
-* ``aoti``    int8 only: the quantized backbone compiled ahead of time (AOTInductor), loaded.
+* ``aoti``    int8 only: the quantized backbone compiled ahead of time (AOTInductor), loaded;
+* ``openvino`` int8 only, given a ``handler.quantize.OpenVINOProgram``: the whole serving module
+              (NNCF int8 backbone, float heads, softmax) run by OpenVINO, one static graph per batch
+              size (issue #36; ``choose_runtime`` says when; off unless asked for).
 
 The same code runs on CUDA when given a CUDA device. Calibration and evaluation use ``Engine``
 too, so thresholds are fit with the numerics that serve.
@@ -55,6 +58,43 @@ class _QuantizedServing(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.backbone(x).float()
         return F.softmax(self.heads(emb).float(), dim=-1), emb
+
+
+class _OpenVINOServing:
+    """An OpenVINO program compiled once per static batch size in ``sizes`` (the threads this
+    process uses, the LATENCY hint); a batch runs on the smallest graph that holds it, zero-padded,
+    and a batch above the largest in chunks, as the AOTInductor package does."""
+
+    def __init__(self, program, sizes: Sequence[int], input_size: int, threads: int) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(program.path))
+        self.sizes, self.requests = sorted(set(sizes)), {}
+        for b in self.sizes:
+            m = model.clone()
+            m.reshape({m.inputs[0]: [b, 3, input_size, input_size]})
+            compiled = core.compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+            self.requests[b] = (compiled.create_infer_request(), compiled.outputs)
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        request, outputs = self.requests[len(x)]
+        out = request.infer(x.contiguous().numpy(), share_inputs=True)
+        # copies: the request reuses its output buffers on the next call
+        return torch.from_numpy(out[outputs[0]].copy()), torch.from_numpy(out[outputs[1]].copy())
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs, embs, top = [], [], self.sizes[-1]
+        for start in range(0, len(x), top):
+            chunk = x[start:start + top]
+            n = len(chunk)
+            b = next(s for s in self.sizes if s >= n)
+            if b > n:
+                chunk = torch.cat([chunk, chunk.new_zeros(b - n, *chunk.shape[1:])])
+            p, e = self._run(chunk)
+            probs.append(p[:n])
+            embs.append(e[:n])
+        return (probs[0], embs[0]) if len(probs) == 1 else (torch.cat(probs), torch.cat(embs))
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -177,6 +217,45 @@ def choose_numerics(requested: str, card_numerics: str, sets: dict[str, dict] | 
     raise ValueError(f"auto found no numerics to serve on {isa_name(isa)}: {'; '.join(skipped)}")
 
 
+RUNTIMES = ("torch", "openvino", "auto")
+OPENVINO_SET = "openvino-int8"  # the thresholds set fit on the OpenVINO int8 program's outputs
+
+
+def choose_runtime(requested: str, numerics: str, sets: dict[str, dict] | None, has_program: bool,
+                   isa: dict[str, bool] | None = None, openvino: bool | None = None) -> tuple[str, str]:
+    """(what runs the int8 model: 'torch' or 'openvino', why). 'torch' is the default. 'openvino'
+    asked for: a ValueError where it cannot serve (numerics not int8, the package or the program
+    missing, no thresholds set of its own). 'auto': OpenVINO only where all of that holds and its
+    set (``OPENVINO_SET``) passed parity with fp32 and records OpenVINO measured faster than our
+    int8 on this CPU class (``meta.speed[isa].openvino_over_torch`` above 1, bench/peers.py); else
+    torch, with the reason. ``openvino``: whether the package imports (None: try it)."""
+    if requested not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
+    if requested == "torch":
+        return "torch", "the default"
+    if openvino is None:
+        from handler.quantize import openvino_versions
+        openvino = openvino_versions() is not None
+    isa = cpu_isa() if isa is None else isa
+    meta = (sets or {}).get(OPENVINO_SET, {}).get("meta", {})
+    missing = ("openvino: serves int8 only" if numerics != "int8" else
+               "openvino: not installed (pip install -e .[peers])" if not openvino else
+               "openvino: no OpenVINO program in the archive" if not has_program else
+               f"openvino: no thresholds set '{OPENVINO_SET}'" if sets is None or OPENVINO_SET not in sets else None)
+    if requested == "openvino":
+        if missing:
+            raise ValueError(f"runtime 'openvino' asked for, but {missing.split(': ', 1)[1]}")
+        return "openvino", "asked for"
+    speed = meta.get("speed", {}).get(isa_name(isa), {}).get("openvino_over_torch")
+    reason = missing or (
+        "openvino: its thresholds set did not pass parity with fp32" if not meta.get("parity", {}).get("passed") else
+        f"openvino: not measured on {isa_name(isa)}" if speed is None else
+        f"openvino: measured {speed:.2f}x our int8 on {isa_name(isa)}, not faster" if speed <= 1 else None)
+    if reason is not None:
+        return "torch", f"auto ({reason})"
+    return "openvino", f"auto: passed parity, measured {speed:.2f}x our int8 on {isa_name(isa)}"
+
+
 def threshold_numerics(numerics: str, device: torch.device | str = "cpu") -> tuple[str, ...]:
     """The numerics a thresholds file may have been fit in to serve a card of ``numerics``: the
     card's, or what this device serves it in (a refit here, or one from traffic captured here)."""
@@ -197,7 +276,9 @@ class Engine:
 
         ``numerics='int8'`` needs ``int8_program`` (a ``handler.quantize.Program``): the quantized
         backbone runs as its AOTInductor package where it has one for this CPU (graph 'aoti'), else
-        under torch.compile with inductor freezing (graph 'compile'), whatever ``graph`` says."""
+        under torch.compile with inductor freezing (graph 'compile'), whatever ``graph`` says. Given
+        a ``handler.quantize.OpenVINOProgram`` instead, OpenVINO runs it (graph 'openvino'): a
+        ValueError where the openvino package is not installed."""
         if numerics not in ("fp32", "bf16", "int8"):
             raise ValueError(f"numerics must be 'fp32', 'bf16' or 'int8', got {numerics!r}")
         if numerics == "int8":
@@ -221,7 +302,9 @@ class Engine:
                               ).to(memory_format=self.memory_format)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if numerics == "int8":
+            if numerics == "int8" and getattr(int8_program, "runtime", "torch") == "openvino":
+                module = self._openvino_module(int8_program, batch_sizes, input_size)
+            elif numerics == "int8":
                 module = self._int8_module(model, int8_program)
             elif graph == "jit":
                 # A process-wide switch, read when the profiling executor optimizes the graph
@@ -246,9 +329,22 @@ class Engine:
         self.module = module
         t1 = time.perf_counter()
         # int8's package: every static graph once (a batch of 3 runs on the graph for 4).
-        self.warm_up(sorted({*batch_sizes, *getattr(getattr(module, "backbone", None), "sizes", ())}), input_size)
+        self.warm_up(sorted({*batch_sizes, *getattr(getattr(module, "backbone", None), "sizes", ()),
+                             *getattr(module, "sizes", ())}), input_size)
         # Where a worker's start goes (logged by the TorchServe handler; bench/recovery.py reads it).
         self.timings = {"graph_s": t1 - t0, "warm_up_s": time.perf_counter() - t1}
+
+    def _openvino_module(self, program, batch_sizes: Sequence[int], input_size: int) -> _OpenVINOServing:
+        from handler.quantize import openvino_versions, package_batches
+
+        if openvino_versions() is None:
+            raise ValueError("this int8 program runs on OpenVINO, which is not installed: pip install -e .[peers]")
+        if program.meta.get("input_size", input_size) != input_size:
+            raise ValueError(f"the OpenVINO program {program.path} takes {program.meta['input_size']}px "
+                             f"inputs, this model {input_size}px")
+        self.graph = "openvino"
+        sizes = {*package_batches(max(batch_sizes)), *batch_sizes}
+        return _OpenVINOServing(program, sizes, input_size, torch.get_num_threads())
 
     def _int8_module(self, model: MRLResNet50, program) -> nn.Module:
         """The program's AOTInductor package where it was compiled for this CPU (loads in about a

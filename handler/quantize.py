@@ -379,6 +379,91 @@ def load_package(program: Program, path: Path) -> nn.Module:
     return _StaticBatches({b: torch._inductor.aoti_load_package(str(f)) for b, f in package_files(Path(path), batches).items()})
 
 
+@dataclass(frozen=True)
+class OpenVINOProgram:
+    """The peer engine's int8 (issue #36): the whole serving module (backbone, nested heads,
+    softmax) converted to OpenVINO and quantized by NNCF post-training quantization, heads left in
+    floats; an IR on disk (``.xml`` + ``.bin``) and what it was built from. ``Engine`` runs it in
+    place of a ``Program`` (same ``numerics='int8'``, ``graph`` 'openvino')."""
+
+    path: Path
+    meta: dict
+    runtime = "openvino"
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+
+def openvino_versions() -> dict | None:
+    """OpenVINO's and NNCF's versions, or None where either is not installed (the ``peers`` extra)."""
+    try:
+        import nncf
+        import openvino
+    except ImportError:
+        return None
+    return {"openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__}
+
+
+def _ir_fingerprint(xml: Path) -> str:
+    h = hashlib.sha256()
+    for f in (xml, xml.with_suffix(".bin")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def build_openvino(checkpoint: str | Path, spec: str, *, images: int = CALIBRATION_IMAGES,
+                   cache: Path = CACHE) -> OpenVINOProgram:
+    """The OpenVINO int8 program for ``checkpoint``, calibrated by NNCF on the batches our own int8
+    program calibrates on (``calibration_batches``: the thresholds' int8 record's ``spec`` and
+    ``images``), from the cache or built now. Raises ValueError where OpenVINO is not installed."""
+    from handler.checkpoint import file_sha256, load_mrl_resnet50
+
+    versions = openvino_versions()
+    if versions is None:
+        raise ValueError("the OpenVINO engine needs openvino and nncf: pip install -e .[peers]")
+    sha = file_sha256(checkpoint)
+    key = hashlib.sha256(json.dumps([sha, spec, images, "openvino-nncf", versions, str(torch.__version__)],
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    xml = Path(cache) / f"openvino-{key}.xml"
+    if xml.exists() and xml.with_suffix(".json").exists():
+        return OpenVINOProgram(xml, json.loads(xml.with_suffix(".json").read_text()))
+    import nncf
+    import openvino as ov
+    from handler.engine import _Serving
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    model, card = load_mrl_resnet50(checkpoint, numerics="fp32")
+    size = card.preprocessing.crop
+    batches = [x.contiguous().numpy() for x in calibration_batches(card, spec, images)]
+    converted = ov.convert_model(_Serving(model.float().eval()), example_input=torch.zeros(1, 3, size, size))
+    heads = nncf.IgnoredScope(patterns=[r".*model\.fc\..*"], validate=False)  # fp32 heads, as ours
+    quantized = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches), ignored_scope=heads)
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.xml")
+    ov.save_model(quantized, str(tmp), compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+    os.replace(tmp, xml)
+    # The keys of RECORD too, so that calibration/outputs.py's collect() runs it as it runs ours.
+    meta = {"runtime": "openvino", "checkpoint_sha256": sha, "data": spec, "images": images,
+            "reduce_range": False, "activation_qparams": None, "key": key, "fingerprint": _ir_fingerprint(xml),
+            "input_size": size, "build_s": round(time.perf_counter() - t0, 1), **versions,
+            "torch": str(torch.__version__)}
+    xml.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("OpenVINO int8 program %s built in %.1f s", xml, meta["build_s"])
+    return OpenVINOProgram(xml, meta)
+
+
+def open_openvino(xml: str | Path) -> OpenVINOProgram:
+    """An OpenVINO program's IR and the meta beside it, checked against each other."""
+    xml = Path(xml)
+    meta = json.loads(xml.with_suffix(".json").read_text())
+    if _ir_fingerprint(xml) != meta.get("fingerprint"):
+        raise ValueError(f"{xml} does not match its meta {xml.with_suffix('.json')} (fingerprint differs)")
+    return OpenVINOProgram(xml, meta)
+
+
 def record_scales(checkpoint: str | Path, thresholds: str | Path) -> dict:
     """Add to a thresholds file's int8 record, from before scales were kept, the activation scales
     of the program it was fit on: rebuilt here from the record, which must reproduce its

@@ -1,0 +1,98 @@
+"""The OpenVINO engine option (issue #36): when it runs the int8 model (choose_runtime), its refusal
+of a thresholds set that failed parity, the fallback without the openvino package, and a real
+NNCF-quantized program served through MRLService with the cascade unchanged."""
+import io
+import sys
+
+import pytest
+import torch
+
+from handler import quantize
+from handler.engine import OPENVINO_SET, Engine, choose_runtime
+
+ZEN5 = {"avx2": True, "avx512f": True, "vnni": True, "avx512_bf16": True, "amx": False}
+AVX2 = {"avx2": True, "avx512f": False, "vnni": False, "avx512_bf16": False, "amx": False}
+DEMO = "model_store/fashion_mnist/mrl_resnet50_fp16.pt"
+
+
+def _sets(passed=True, speed=1.6, isa="avx512_bf16"):
+    meta = {"parity": {"passed": passed}, "speed": {isa: {"openvino_over_torch": speed}} if speed else {}}
+    return {"fp32": {}, "int8": {"meta": {"parity": {"passed": True}}}, OPENVINO_SET: {"meta": meta}}
+
+
+def test_torch_runs_int8_unless_openvino_is_asked_for():
+    assert choose_runtime("torch", "int8", _sets(), True, ZEN5, openvino=True) == ("torch", "the default")
+    assert choose_runtime("openvino", "int8", _sets(), True, ZEN5, openvino=True) == ("openvino", "asked for")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        choose_runtime("ov", "int8", _sets(), True, ZEN5, openvino=True)
+
+
+def test_auto_picks_openvino_only_where_it_passed_parity_and_measured_faster_on_this_cpu():
+    assert choose_runtime("auto", "int8", _sets(), True, ZEN5, openvino=True) == (
+        "openvino", "auto: passed parity, measured 1.60x our int8 on avx512_bf16")
+    # measured on another CPU class only: not this one's figure
+    assert choose_runtime("auto", "int8", _sets(), True, AVX2, openvino=True) == (
+        "torch", "auto (openvino: not measured on avx2)")
+    assert choose_runtime("auto", "int8", _sets(speed=0.95), True, ZEN5, openvino=True) == (
+        "torch", "auto (openvino: measured 0.95x our int8 on avx512_bf16, not faster)")
+    assert choose_runtime("auto", "bf16", _sets(), True, ZEN5, openvino=True) == (
+        "torch", "auto (openvino: serves int8 only)")
+    assert choose_runtime("auto", "int8", _sets(), False, ZEN5, openvino=True) == (
+        "torch", "auto (openvino: no OpenVINO program in the archive)")
+    no_set = {k: v for k, v in _sets().items() if k != OPENVINO_SET}
+    assert choose_runtime("auto", "int8", no_set, True, ZEN5, openvino=True) == (
+        "torch", f"auto (openvino: no thresholds set '{OPENVINO_SET}')")
+
+
+def test_auto_refuses_a_set_that_failed_parity_however_fast():
+    assert choose_runtime("auto", "int8", _sets(passed=False, speed=2.0), True, ZEN5, openvino=True) == (
+        "torch", "auto (openvino: its thresholds set did not pass parity with fp32)")
+
+
+def test_without_the_openvino_package_auto_falls_back_and_a_request_for_it_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    assert quantize.openvino_versions() is None
+    assert choose_runtime("auto", "int8", _sets(), True, ZEN5) == (
+        "torch", "auto (openvino: not installed (pip install -e .[peers]))")
+    with pytest.raises(ValueError, match=r"not installed \(pip install -e .\[peers\]\)"):
+        choose_runtime("openvino", "int8", _sets(), True, ZEN5)
+    with pytest.raises(ValueError, match="needs openvino and nncf"):
+        quantize.build_openvino(DEMO, "fashion-mnist:holdout", images=8, cache=tmp_path)
+    program = quantize.OpenVINOProgram(tmp_path / "p.xml", {"fingerprint": "x", "input_size": 32})
+    from handler.checkpoint import load_mrl_resnet50
+    model, _ = load_mrl_resnet50(DEMO, numerics="fp32")
+    with pytest.raises(ValueError, match="runs on OpenVINO, which is not installed"):
+        Engine(model, numerics="int8", int8_program=program, input_size=32, batch_sizes=(8,))
+
+
+def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from bench.run import demo_inputs
+    from handler.checkpoint import load_mrl_resnet50
+    from handler.service import MRLService
+    from handler.thresholds import OperatingPoints
+
+    program = quantize.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path)
+    assert quantize.open_openvino(program.path).fingerprint == program.fingerprint
+    assert quantize.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path).path == program.path
+    model, card = load_mrl_resnet50(DEMO, numerics="fp32")
+    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
+                     batch_sizes=(8,))
+    assert svc.engine.graph == "openvino" and svc.engine.module.sizes == [1, 2, 4, 8]
+    x = torch.randn(11, 3, 32, 32)
+    probs, emb = svc.engine(x)
+    assert probs.shape == (11, len(card.nesting), 10) and emb.shape == (11, 2048)
+    # padding and chunks change nothing: 11 = 8 + 3 (run on the batch-4 graph, zero-padded)
+    p8, _ = svc.engine(x[:8])
+    p4, _ = svc.engine(torch.cat([x[8:], torch.zeros(1, 3, 32, 32)]))
+    assert torch.equal(probs[:8], p8) and torch.equal(probs[8:], p4[:3])
+    # the same request path as any engine: 8 test images answered at the fixed 2048-d point, and as
+    # fp32 answers them (the demo model is sure of these; calibrated on only 16 images here)
+    bodies = demo_inputs(8)
+    answers = svc.handle([{"body": b} for b in bodies])
+    assert [status for status, _ in answers] == [200] * 8
+    assert {(body["embedding_dim"], body["operating_point"]) for _, body in answers} == {(2048, "fixed_2048")}
+    fp32_model, _ = load_mrl_resnet50(DEMO, numerics="fp32")
+    fp32 = MRLService(fp32_model, card, OperatingPoints.fixed(card.nesting), numerics="fp32", batch_sizes=(8,))
+    assert [b["label"] for _, b in answers] == [b["label"] for _, b in fp32.handle([{"body": b} for b in bodies])]
