@@ -304,3 +304,24 @@ def test_every_dashboard_query_has_data_per_instance_and_summed(cluster, cluster
     assert sorted(s["metric"]["instance"] for s in series) == sorted(instances)
     replicas = prom_query(PROM_PORT, "count by (replica) (up == 1)")["data"]["result"]
     assert sorted(s["metric"]["replica"] for s in replicas) == [r.name for r in c.members]
+
+
+def test_tritonclient_through_the_gateway_sees_the_model_ready_and_its_metadata(cluster):
+    """Issue #32, acceptance 3, through the replica gateway: the OIP agent's model routes answer on
+    every replica, and the gateway forwards them with the caller's gateway key."""
+    import tritonclient.http as httpclient
+
+    from handler.oip import model_metadata
+
+    c, _ = cluster
+    client = httpclient.InferenceServerClient(c.gateway.removeprefix("http://"))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert client.is_server_live(headers=auth) and client.is_server_ready(headers=auth)
+    for _ in range(3):  # leastconn spreads these over the replicas
+        assert client.is_model_ready("mrl_resnet50", headers=auth)
+        meta = client.get_model_metadata("mrl_resnet50", headers=auth)
+        assert meta["name"] == "mrl_resnet50" and meta["inputs"] == model_metadata(gallery=True)["inputs"]
+        assert meta["outputs"] == model_metadata(gallery=True)["outputs"]
+    assert not client.is_model_ready("no_such_model", headers=auth)
+    with pytest.raises(Exception):
+        client.get_model_metadata("mrl_resnet50")  # no key: 401 at the gateway
