@@ -105,24 +105,25 @@ class Container:
         return live
 
     def rss(self) -> int:
-        total = 0
-        for p in self.processes():
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        """The container's processes' resident memory now, summed."""
+        return sum(self._each(lambda p: p.memory_info().rss))
 
     def peak_rss_sum(self) -> int:
         """Each process's own peak (VmHWM), summed: at least the container's peak RSS."""
-        total = 0
+        def hwm(p: psutil.Process) -> int:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+        return sum(self._each(hwm))
+
+    def _each(self, read) -> list[int]:
+        """``read`` of every process of the container that is still there to be read."""
+        values = []
         for p in self.processes():
             try:
-                status = Path(f"/proc/{p.pid}/status").read_text()
-                total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+                values.append(read(p))
             except (OSError, StopIteration, psutil.Error):
                 pass
-        return total
+        return values
 
     def log(self) -> str:
         return podman("exec", self.name, "sh", "-c", "cat /home/mrl/logs/model_log.log", check=False).stdout
