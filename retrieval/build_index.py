@@ -6,6 +6,9 @@
 Images go through the server's preprocessing and Engine with the numerics a worker serves on this
 CPU, so gallery and query embeddings come from the same numbers. The gallery records the
 checkpoint's sha256 and the spec; the server refuses a gallery built from another checkpoint.
+``--out`` may be the folder a server is serving: the new build lands in a version folder of its
+own and replaces the old one atomically, and the workers serve it from their next batch
+(retrieval/gallery.py).
 """
 from __future__ import annotations
 
