@@ -100,7 +100,7 @@ def renew_key(kind: str = "inference", root: Path = ROOT, management: str = MANA
 
 def describe(model: str, token: str | None, management: str = MANAGEMENT) -> dict:
     """The management API's description of ``model`` (workers with status and pid); ``token``
-    None for a server with token authorization off."""
+    None for a server with token authorization off (deploy/kserve's container)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     req = urllib.request.Request(f"{management}/models/{model}", headers=headers)
     with urllib.request.urlopen(req, timeout=5) as resp:
@@ -110,7 +110,7 @@ def describe(model: str, token: str | None, management: str = MANAGEMENT) -> dic
 def wait_ready(model: str, timeout: float, cwd: Path = ROOT, management: str = MANAGEMENT,
                token: bool = True) -> float:
     """Block until ``model`` has a READY worker; returns the seconds waited. ``token`` False: the
-    server runs with token authorization off (cluster replicas behind the gateway)."""
+    server runs with token authorization off."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
