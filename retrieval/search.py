@@ -72,6 +72,9 @@ def search(gallery: Gallery, queries: np.ndarray, k: int, method: str = "rerank"
     """The k nearest gallery items of each (Q, 2048) query embedding."""
     if not 1 <= k <= len(gallery):
         raise ValueError(f"k must be in 1..{len(gallery)} (the gallery size), got {k}")
+    bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
+    if len(bad):  # FAISS would answer index -1: the last item, silently
+        raise ValueError(f"query {bad[0]} holds NaN or infinite values")
     q = normalize(queries)
     n = len(gallery)
     if method == "exact":   # FAISS brute force where the gallery has a 2048-d flat index in memory

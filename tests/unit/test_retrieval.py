@@ -226,3 +226,12 @@ def test_a_gallery_in_the_layout_before_versions_still_opens(data, tmp_path):
     assert len(Gallery.open(folder)) == 100 and g2.path != folder
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", g2.path.name]
     assert np.array(flat.vectors[199]).any()  # the old files were unlinked, not truncated: still mapped
+
+
+@pytest.mark.parametrize("method", ["exact", "rerank", "funnel"])
+def test_a_query_that_is_not_finite_is_refused_not_answered_with_the_last_item(gallery, data, method):
+    """FAISS answers a NaN query with index -1, which ids[-1] turns into the gallery's last item."""
+    queries = data[2][:3].copy()
+    queries[1, 5] = np.nan
+    with pytest.raises(ValueError, match="query 1 holds NaN or infinite values"):
+        search(gallery, queries, 5, method)
