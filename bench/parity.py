@@ -1,6 +1,7 @@
 """Parity of bf16 against fp32 serving numerics on the demo model, over Fashion-MNIST test.
 
     python -m bench.parity                      # writes docs/results/parity.json and prints a table
+    python -m bench.parity --mode int8 | --mode openvino-int8 [--checkpoint ... --thresholds ... --data ...]
 
 One checkpoint, the serving graph (traced + frozen), run once with fp32 and once with bf16 autocast.
 Reported per nesting size: top-1 in each mode and the share of images whose bf16 prediction equals
@@ -90,18 +91,53 @@ def int8_parity(args, cache) -> dict:
     return report
 
 
+def openvino_parity(args, cache) -> dict:
+    """OpenVINO's int8 (NNCF on the thresholds' int8 calibration set, handler/quantize.py) against
+    fp32 (issue #36, acceptance 3), with int8's limits. The engine has no thresholds set of its own
+    yet (calibration/fit_thresholds.py does not fit one), so its cascade is read with the int8 set,
+    fit on our int8 program's outputs: what serving it with that set would do."""
+    from handler import quantize
+
+    doc = json.loads(Path(args.thresholds).read_text())
+    sets = numerics_sets(doc)
+    fit = sets.get("int8", {}).get("meta", {}).get("int8_program")
+    if not fit or "fp32" not in sets:
+        raise SystemExit(f"{args.thresholds} needs an fp32 and an int8 set (the int8 record names the calibration data)")
+    try:
+        program = quantize.build_openvino(args.checkpoint, fit["data"], images=fit["images"])
+    except ValueError as exc:
+        raise SystemExit(str(exc))
+    fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
+    ov = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=None)
+    load = lambda mode: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731
+                                        checkpoint_sha256=fp32.meta["checkpoint_sha256"], numerics=mode)
+    ops32, ops8 = load("fp32"), load("int8")
+    report = {"mode": "openvino-int8", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m bench.parity " + " ".join(sys.argv[1:]), "checkpoint": args.checkpoint,
+              "data": args.data, "thresholds_numerics": "fp32's set on fp32, the int8 set on OpenVINO",
+              "graph": "jit / openvino", "openvino_program": program.meta,
+              **parity(fp32, ov, ops32.points, ops8.points, mode="openvino-int8")}
+    full, default = str(fp32.nesting[-1]), ops8.default
+    report["checks"] = {
+        "agreement_2048_at_least_0.99": report["agreement"][full] >= INT8_AGREEMENT,
+        "default_cascade_within_0.3pt": abs(report["cascade"][default]["top1_delta"]) <= INT8_CASCADE}
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str((DEMO / "mrl_resnet50_fp16.pt").relative_to(ROOT)))
     p.add_argument("--thresholds", default=str((DEMO / "thresholds.json").relative_to(ROOT)))
     p.add_argument("--data", default="fashion-mnist:test")
     p.add_argument("--no-cache", action="store_true", help="always run the forward passes")
-    p.add_argument("--mode", choices=("bf16", "int8"), default="bf16")
+    p.add_argument("--mode", choices=("bf16", "int8", "openvino-int8"), default="bf16")
     p.add_argument("--out", default=None, help="default docs/results/parity.json (bf16), docs/results/parity_int8_<model>.json")
     args = p.parse_args(argv)
-    if args.mode == "int8":
-        out = args.out or str(ROOT / "docs" / "results" / f"parity_int8_{Path(args.checkpoint).parent.name}.json")
-        report = int8_parity(args, None if args.no_cache else DEFAULT_CACHE)
+    if args.mode in ("int8", "openvino-int8"):
+        stem = "parity_int8" if args.mode == "int8" else "parity_openvino_int8"
+        out = args.out or str(ROOT / "docs" / "results" / f"{stem}_{Path(args.checkpoint).parent.name}.json")
+        check = int8_parity if args.mode == "int8" else openvino_parity
+        report = check(args, None if args.no_cache else DEFAULT_CACHE)
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         print(markdown(report))
         print(f"wrote {out}")
