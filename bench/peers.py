@@ -11,6 +11,9 @@ bundled model, the benchmark's own request images for the ImageNet-size one). Ou
 in the mode of the same name (traced fp32, traced bf16 autocast, the int8 AOTInductor package).
 Both sides get the same normalized tensors (decoded and preprocessed once, no decode timed), the
 same threads, at batch 1 and at the serving batch; each side's graph is static per batch size.
+OpenVINO's int8 model is the OpenVINO engine option's own program (handler/quantize.py:
+build_openvino), and a second table runs our whole in-process pipeline (decode, preprocess, model,
+cascade) with our int8 engine and with that engine option, on the benchmark's request bodies.
 Rounds alternate between the runners, so a drift in the machine's load lands on every one; the
 report gives per-runner medians and the ratios OpenVINO / ours from those medians.
 Needs the ``peers`` extra (``pip install -e .[peers]``); without it the benchmark says so and skips.
@@ -61,23 +64,15 @@ def batch_of(tensors: list[torch.Tensor], b: int) -> torch.Tensor:
     return torch.stack([tensors[i % len(tensors)] for i in range(b)]).contiguous()  # NCHW
 
 
-def openvino_models(model, card, calibration, size: int) -> dict:
-    """Our module, heads and softmax included, as OpenVINO models: 'fp32' (converted) and 'int8'
-    (NNCF post-training quantization of it on ``calibration``, batches of normalized tensors)."""
-    import logging
-
-    import nncf
+def openvino_models(model, size: int, int8_program) -> dict:
+    """Our module, heads and softmax included, as OpenVINO models: 'fp32' (converted here) and
+    'int8' (the OpenVINO engine's own program, handler/quantize.py: NNCF post-training
+    quantization of the same conversion, heads left in floats)."""
     import openvino as ov
 
-    logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per op it leaves alone
     example = torch.zeros(1, 3, size, size)
     fp32 = ov.convert_model(_Serving(model.float().eval()), example_input=example)
-    data = nncf.Dataset([x.contiguous().numpy() for x in calibration])
-    count = sum(len(x) for x in calibration)
-    # Heads stay in floats, as ours do (handler/quantize.py quantizes the backbone only).
-    heads = nncf.IgnoredScope(patterns=[r".*model\.fc\..*"], validate=False)
-    int8 = nncf.quantize(fp32, data, subset_size=len(calibration), ignored_scope=heads)
-    return {"fp32": fp32, "int8": int8, "calibration_images": count}
+    return {"fp32": fp32, "int8": ov.Core().read_model(str(int8_program.path))}
 
 
 def compile_openvino(ov_model, batch: int, size: int, threads: int, precision: str | None):
@@ -145,7 +140,7 @@ def measure(runners: dict, x: torch.Tensor, rounds: int, repeat: int) -> dict:
 
 
 def model_setup(name: str, ckpt: Path, bodies: list[bytes], tmp: Path):
-    """(fp32 model, card, our int8 program, calibration batches, what calibrated both int8s)."""
+    """(fp32 model, card, our int8 program, OpenVINO's int8 program, what calibrated both)."""
     from handler import quantize
 
     model, card = load_mrl_resnet50(ckpt, numerics="fp32")
@@ -156,24 +151,43 @@ def model_setup(name: str, ckpt: Path, bodies: list[bytes], tmp: Path):
     else:  # as bench/run.py does for a model without an int8 set: its own request images
         thr, spec, images = None, calibration_folder(tmp, name, bodies), len(bodies)
     program = int8_for(ckpt, None if thr is not None else spec, thr)
-    calib = list(quantize.calibration_batches(card, spec, images))
-    return model, card, program, calib, {"data": spec if thr is not None else "the benchmark's request images",
-                                          "images": images}
+    ov_program = quantize.build_openvino(ckpt, spec, images=images)  # the same calibration batches
+    return model, card, program, ov_program, {"data": spec if thr is not None else "the benchmark's request images",
+                                               "images": images}
+
+
+def pipelines(model, card, program, ov_program, bodies: list[bytes], batches, rounds: int, repeat: int) -> dict:
+    """Our whole in-process pipeline (decode, preprocess, int8 model, cascade: MRLService.handle)
+    with our int8 engine against the same with the OpenVINO engine option, per batch size."""
+    from handler.service import MRLService
+    from handler.thresholds import OperatingPoints
+
+    services = {name: MRLService(load_copy(model), card, OperatingPoints.fixed(card.nesting), graph="jit",
+                                 batch_sizes=batches, numerics="int8", int8_program=p)
+                for name, p in (("ours", program), ("openvino_engine", ov_program))}
+    out = {}
+    for b in batches:
+        items = [{"body": bodies[i % len(bodies)]} for i in range(b)]
+        med = measure({k: (lambda x, s=s: s.handle(items)) for k, s in services.items()}, None, rounds, repeat)
+        out[str(b)] = {"ours_img_s": b / med["ours"], "openvino_engine_img_s": b / med["openvino_engine"],
+                       "ours_ms": 1000 * med["ours"], "openvino_engine_ms": 1000 * med["openvino_engine"],
+                       "openvino_engine_over_ours": med["ours"] / med["openvino_engine"]}
+    return out
 
 
 def run_model(name: str, ckpt: Path, bodies: list[bytes], tmp: Path, batch_size: int, rounds: int, repeat: int,
               threads: int) -> dict:
-    model, card, program, calib, calib_meta = model_setup(name, ckpt, bodies, tmp)
+    t0 = time.perf_counter()
+    model, card, program, ov_program, calib_meta = model_setup(name, ckpt, bodies, tmp)
     size = card.preprocessing.crop
     tensors = request_tensors(card, bodies)
-    t0 = time.perf_counter()
-    ov_models = openvino_models(model, card, calib, size)
+    ov_models = openvino_models(model, size, ov_program)
     setup_s = time.perf_counter() - t0
     has_bf16 = resolve_numerics("bf16") == "bf16" and openvino_bf16()
     modes = [m for m in MODES if m != "bf16" or has_bf16]
     batches = (1, batch_size)
-    out = {"input": [3, size, size], "classes": len(card.classes), "calibration": {**calib_meta,
-           "openvino_images": ov_models["calibration_images"]}, "openvino_setup_s": round(setup_s, 1),
+    out = {"input": [3, size, size], "classes": len(card.classes), "calibration": calib_meta,
+           "openvino_program": ov_program.fingerprint[:16], "setup_s": round(setup_s, 1),
            "skipped": [] if has_bf16 else ["bf16: this CPU has no bf16"], "batches": {}}
     engines = {m: ours(model, card, program, m, batches, size) for m in modes}
     for b in batches:
@@ -195,6 +209,8 @@ def run_model(name: str, ckpt: Path, bodies: list[bytes], tmp: Path, batch_size:
         out["batches"][str(b)] = row
         print(name, "batch", b, json.dumps({m: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
                                             for m, r in row.items()}), flush=True)
+    out["pipeline_int8"] = pipelines(model, card, program, ov_program, bodies, batches, rounds, repeat)
+    print(name, "pipeline int8", json.dumps(out["pipeline_int8"]), flush=True)
     return out
 
 

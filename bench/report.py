@@ -97,6 +97,16 @@ def peer_table(report: dict) -> str:
                 lines.append(f"| {label} | {mode}{prec} | {b} | {v['ours_img_s']:.1f} | {v['openvino_img_s']:.1f} | "
                              f"**{v['openvino_over_ours']:.2f}x** | {v['ours_ms']:.1f} | {v['openvino_ms']:.1f} | "
                              f"{v['openvino_agrees_with_our_fp32']:.1%} |")
+    pipes = {name: r["pipeline_int8"] for name, r in peers["models"].items() if "pipeline_int8" in r}
+    if pipes:
+        lines += ["", "Our whole in-process pipeline (decode, preprocess, int8 model, cascade: `MRLService.handle` on the "
+                  "request bodies) with our int8 engine and with the OpenVINO engine option (handler/engine.py):", "",
+                  "| model | batch | our int8 engine (img/s) | OpenVINO engine (img/s) | OpenVINO engine / ours "
+                  "| ours (ms/batch) | OpenVINO engine (ms/batch) |", "|---|---|---|---|---|---|---|"]
+        for name, rows in pipes.items():
+            for b, v in rows.items():
+                lines.append(f"| {name} | {b} | {v['ours_img_s']:.1f} | {v['openvino_engine_img_s']:.1f} | "
+                             f"**{v['openvino_engine_over_ours']:.2f}x** | {v['ours_ms']:.1f} | {v['openvino_engine_ms']:.1f} |")
     for name, r in peers["models"].items():
         c = r["calibration"]
         lines.append("")

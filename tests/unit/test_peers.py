@@ -39,6 +39,12 @@ def test_the_peer_table_gives_medians_and_ratios_with_the_cpu_flags():
     assert "| imagenet (224x224, 1000) | int8 (rest bf16) | 1 | 100.0 | 200.0 | **2.00x** | 10.0 | 5.0 | 98.4% |" in text
     assert "| imagenet (224x224, 1000) | fp32 | 8 | 50.0 | 50.0 | **1.00x** | 160.0 | 160.0 | 98.4% |" in text
     assert "calibrated on the benchmark's request images (32 images)" in text
+    assert "OpenVINO engine / ours" not in text  # no pipeline rows in this run
+    piped = {**REPORT, "peers": {**REPORT["peers"], "models": {"imagenet": {
+        **REPORT["peers"]["models"]["imagenet"], "pipeline_int8": {"8": {
+            "ours_img_s": 150.0, "openvino_engine_img_s": 180.0, "ours_ms": 53.3, "openvino_engine_ms": 44.4,
+            "openvino_engine_over_ours": 1.2}}}}}}
+    assert "| imagenet | 8 | 150.0 | 180.0 | **1.20x** | 53.3 | 44.4 |" in rep.peer_table(piped)
 
 
 def test_the_acceptance_lines_compare_our_best_server_mode_with_openvinos_best_raw():
