@@ -16,7 +16,8 @@ def _saturation(srv: dict) -> dict:
 def machine_line(m: dict) -> str:
     flags = ", ".join(f"{f}={m[f]}" for f in ("avx2", "vnni", "avx512_bf16", "amx") if f in m)
     busy = f", {m['busy_before']:.0%} of the cores busy before the run" if "busy_before" in m else ""
-    return f"Machine: {m['cpu']}, {m['cores']} cores, ISA {m.get('isa', '?')} ({flags}), torch {m['torch']}{busy}."
+    line = f"Machine: {m['cpu']}, {m['cores']} cores, ISA {m.get('isa', '?')} ({flags}), torch {m['torch']}{busy}."
+    return line + (" " + cpu_flags_line(m) if "flags" in m else "")
 
 
 def tables(report: dict) -> str:
@@ -82,7 +83,7 @@ def peer_table(report: dict) -> str:
     if "skipped" in peers and "models" not in peers:
         return f"Peers: not measured ({peers['skipped']}).\n"
     lines = ["### Peers: OpenVINO on our checkpoint", "",
-             machine_line(m) + " " + cpu_flags_line(m),
+             machine_line(m),
              f"OpenVINO {peers['versions']['openvino']}, NNCF {peers['versions']['nncf']}; {peers['threads']} threads "
              f"both sides, OpenVINO hint {peers['hint']}; the same normalized tensors (no decode), static batch "
              f"graphs; medians over {peers['rounds']} alternating rounds of {peers['repeat']} batches per runner.", "",
