@@ -75,15 +75,21 @@ def int8_parity(args, cache) -> dict:
         raise SystemExit(str(exc))
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
     int8 = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=cache)
-    load = lambda mode: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731
-                                        checkpoint_sha256=fp32.meta["checkpoint_sha256"], numerics=mode)
+    return _against_fp32(args, fp32, int8, "int8", {
+        "thresholds_numerics": "each mode its own set", "graph": "jit / compile",
+        "int8_program": program.meta, "holdout_parity": sets["int8"]["meta"].get("parity"),
+        "forward_cached": {"fp32": fp32.meta["cached"], "int8": int8.meta["cached"]}})
+
+
+def _against_fp32(args, fp32, other, mode: str, fields: dict) -> dict:
+    """The report of an int8 engine against fp32: each read with its thresholds set (fp32's, and
+    the int8 set for both int8 engines), with int8's limits as checks."""
+    load = lambda numerics: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731
+                                            checkpoint_sha256=fp32.meta["checkpoint_sha256"], numerics=numerics)
     ops32, ops8 = load("fp32"), load("int8")
-    report = {"mode": "int8", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    report = {"mode": mode, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m bench.parity " + " ".join(sys.argv[1:]), "checkpoint": args.checkpoint,
-              "data": args.data, "thresholds_numerics": "each mode its own set", "graph": "jit / compile",
-              "int8_program": program.meta, "holdout_parity": sets["int8"]["meta"].get("parity"),
-              "forward_cached": {"fp32": fp32.meta["cached"], "int8": int8.meta["cached"]},
-              **parity(fp32, int8, ops32.points, ops8.points, mode="int8")}
+              "data": args.data, **fields, **parity(fp32, other, ops32.points, ops8.points, mode=mode)}
     full, default = str(fp32.nesting[-1]), ops8.default
     report["checks"] = {
         "agreement_2048_at_least_0.99": report["agreement"][full] >= INT8_AGREEMENT,
@@ -109,19 +115,9 @@ def openvino_parity(args, cache) -> dict:
         raise SystemExit(str(exc))
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
     ov = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=None)
-    load = lambda mode: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731
-                                        checkpoint_sha256=fp32.meta["checkpoint_sha256"], numerics=mode)
-    ops32, ops8 = load("fp32"), load("int8")
-    report = {"mode": "openvino-int8", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.parity " + " ".join(sys.argv[1:]), "checkpoint": args.checkpoint,
-              "data": args.data, "thresholds_numerics": "fp32's set on fp32, the int8 set on OpenVINO",
-              "graph": "jit / openvino", "openvino_program": program.meta,
-              **parity(fp32, ov, ops32.points, ops8.points, mode="openvino-int8")}
-    full, default = str(fp32.nesting[-1]), ops8.default
-    report["checks"] = {
-        "agreement_2048_at_least_0.99": report["agreement"][full] >= INT8_AGREEMENT,
-        "default_cascade_within_0.3pt": abs(report["cascade"][default]["top1_delta"]) <= INT8_CASCADE}
-    return report
+    return _against_fp32(args, fp32, ov, "openvino-int8", {
+        "thresholds_numerics": "fp32's set on fp32, the int8 set on OpenVINO", "graph": "jit / openvino",
+        "openvino_program": program.meta})
 
 
 def main(argv: list[str] | None = None) -> dict:
