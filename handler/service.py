@@ -210,8 +210,10 @@ class MRLService:
         this batch on. One that cannot be opened (another checkpoint, parts that disagree) is
         logged once and the one being served is kept."""
         old = self.gallery
-        stamp = old.disk_stamp()  # a stat of meta.json: a few microseconds a batch
-        if stamp is None or stamp == old.stamp or stamp == self._gallery_refused:
+        if not old.changed():  # a stat of meta.json: a few microseconds a batch
+            return
+        stamp = old.disk_stamp()
+        if stamp == self._gallery_refused:
             return
         try:
             new = type(old).open(old.folder, checkpoint_sha256=self.checkpoint_sha256, hnsw=old.hnsw is not None)
@@ -324,4 +326,3 @@ class MRLService:
         for m, n in escalations.items():
             self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))
         return answers, result
-
