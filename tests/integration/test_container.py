@@ -25,6 +25,7 @@ import psutil
 import pytest
 import yaml
 
+from bench.run import machine
 from model_store.serve import EXAMPLES, ROOT
 from tests import deps
 from tests.integration.bundled import build_bundled, check_answer, curl
@@ -270,7 +271,7 @@ def test_sixteen_clients_for_a_minute_no_5xx_and_memory_within_the_limit(served)
               "requests_per_s": round(sum(statuses.values()) / took, 1),
               "rss_at_start_mib": round(served.rss_at_start / 2**20), "peak_rss_sampled_mib": round(peak[0] / 2**20),
               "peak_rss_hwm_sum_mib": round(hwm / 2**20), "limit_mib": round(limit / 2**20),
-              "limits": runtime_container()["resources"]["limits"], "cpu": _cpu(), "image": BUILD,
+              "limits": runtime_container()["resources"]["limits"], "machine": machine(), "image": BUILD,
               "command": "pytest tests/integration/test_container.py (MRL_CONTAINER_RESULTS names this file)"}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=1) + "\n")
@@ -325,9 +326,3 @@ def test_under_one_cpu_no_worker_runs_more_than_one_thread(image, served):
         podman("rm", "--force", c.name, check=False)
         shutil.rmtree(folder, ignore_errors=True)
 
-
-def _cpu() -> str:
-    flags = Path("/proc/cpuinfo").read_text()
-    model = next(line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name"))
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(isa)}"
