@@ -54,16 +54,17 @@ def served_models(model_store: Path = ROOT / "model_store") -> list[str]:
 
 
 def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "",
-                 overrides: dict[str, str] | None = None) -> Path:
+                 overrides: dict[str, str] | None = None, agent: Path = oip_agent.JAR) -> Path:
     """A copy of config.properties for a server started elsewhere: absolute paths, other ports,
-    ``overrides`` replacing (or adding) settings."""
+    ``overrides`` replacing (or adding) settings, ``agent`` the OIP agent's jar (a copy of it, for
+    a server that reads nothing of this checkout)."""
     text = (ROOT / "config.properties").read_text()
     settings = {f"{name}_address": f"http://127.0.0.1:{port}" for name, port in (ports or {}).items()}
     settings |= {"model_store": str(model_store), "metrics_config": str(ROOT / "monitoring" / "ts_metrics.yaml")}
     vmargs = re.search(r"^vmargs=(.*)$", text, flags=re.M)
     if vmargs:  # the OIP agent's jar by its absolute path: this server starts in another folder
         settings["vmargs"] = vmargs.group(1).replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}",
-                                                     f"-javaagent:{oip_agent.JAR}")
+                                                     f"-javaagent:{Path(agent).resolve()}")
     for key, value in (settings | (overrides or {})).items():
         text, n = re.subn(rf"^{key}=.*$", lambda _: f"{key}={value}", text, flags=re.M)
         if not n:

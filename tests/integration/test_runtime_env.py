@@ -17,10 +17,10 @@ import pytest
 
 from model_store.serve import ROOT, read_keys, start, stop, wait_ready, write_config
 from tests.integration.bundled import build_bundled, check_answer, curl, server_files
+from tests.integration.server import PORTS
 
 pytestmark = pytest.mark.integration
 RUNTIME = ROOT / "setup" / "runtime.txt"
-PORTS = {"inference": 18080, "management": 18081, "metrics": 18082}
 
 
 def runtime_venv() -> Path:
@@ -60,9 +60,9 @@ def test_both_bundled_archives_answer_the_readme_curl_from_the_runtime_alone(ven
     store = tmp_path / "store"
     build_bundled(store)
     files = server_files(home / "conf")
-    config = write_config(home / "config.properties", store, PORTS, overrides={
-        "metrics_config": str(files["metrics_config"]),
-        "vmargs": f"-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -javaagent:{files['agent']}"})
+    config = write_config(home / "config.properties", store, PORTS, agent=files["agent"],
+                          overrides={"metrics_config": str(files["metrics_config"])})
+    assert f"-javaagent:{files['agent'].resolve()} " in config.read_text() + " "  # the copy, not the checkout's
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            **{k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GOMP_"))}}
     stop(home, env=env)
