@@ -62,7 +62,8 @@ def test_both_bundled_archives_answer_the_readme_curl_from_the_runtime_alone(ven
     files = server_files(home / "conf")
     config = write_config(home / "config.properties", store, PORTS, agent=files["agent"],
                           overrides={"metrics_config": str(files["metrics_config"])})
-    assert f"-javaagent:{files['agent'].resolve()} " in config.read_text() + " "  # the copy, not the checkout's
+    vmargs = next(line for line in config.read_text().splitlines() if line.startswith("vmargs="))
+    assert f"-javaagent:{files['agent'].resolve()}" in vmargs.split(), vmargs  # the copy, not the checkout's
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            **{k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GOMP_"))}}
     stop(home, env=env)
