@@ -18,7 +18,7 @@ REPLICAS ?= 1
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: help setup env serve archive archive-han1000 stop token test test-unit test-integration monitor bench parity image clean
+.PHONY: help setup env serve archive archive-han1000 stop token lint test test-unit test-integration monitor bench parity image clean
 
 help:
 	@echo "make help      this list"
@@ -30,7 +30,8 @@ help:
 	@echo "make serve CHECKPOINT=path THRESHOLDS=path   serve your own checkpoint (docs/models.md)"
 	@echo "make stop      stop TorchServe (every replica and the gateway too)"
 	@echo "make token     print a fresh inference key for the running server (keys expire after 60 min)"
-	@echo "make test      the whole test suite (what CI runs)"
+	@echo "make lint      the house's layers (import-linter, docs/architecture.md) and ruff"
+	@echo "make test      the whole test suite (what CI runs; it runs make lint too)"
 	@echo "make test-unit          the unit tests only (no server)"
 	@echo "make test-integration   the integration tests only (real TorchServe, Prometheus, HAProxy)"
 	@echo "make archive CHECKPOINT=path [THRESHOLDS=path]   build model_store/mrl_resnet50.mar"
@@ -84,6 +85,12 @@ stop:
 # A fresh inference key for the running server (the old one stops working; keys expire after 60 min).
 token:
 	@$(PY) -m model_store.serve token
+
+# The architecture checks itself: import-linter's contracts (pyproject.toml, docs/architecture.md)
+# and ruff. tests/unit/test_lint.py runs this target and plants violations in a scratch copy.
+lint: env
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 
 test: env
 	$(PY) -m pytest -q -ra tests

@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, ROOT, demo_inputs, machine, save_report, serve_phase
+from bench.run import BUNDLED, ROOT, demo_inputs, save_report, serve_phase
 from handler.capture import FLUSH_S, read_capture
 from handler.checkpoint import file_sha256
+from handler.cpus import machine
 from model_store.build_archive import archive
 from model_store.serve import SERVER_ENV, start, stop, wait_ready, write_config
 

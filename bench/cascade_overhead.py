@@ -14,9 +14,11 @@ import json
 import statistics
 import time
 
-from bench.run import DEMO, demo_inputs, machine
+from bench.run import DEMO, demo_inputs
 from handler.checkpoint import file_sha256, load_mrl_resnet50
-from handler.engine import configure_threads, threshold_numerics
+from handler.cpus import machine
+from handler.engine import configure_threads
+from handler.numerics import threshold_numerics
 from handler.service import MRLService
 from handler.thresholds import load_thresholds
 

@@ -19,8 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.run import demo_inputs, machine
+from bench.run import demo_inputs
 from client.http import Client, run_load
+from handler.cpus import machine
 from model_store import cluster as cl
 from model_store.build_archive import archive
 from model_store.serve import processes

@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, ROOT, demo_inputs, machine, save_report, serve_phase
+from bench.run import BUNDLED, ROOT, demo_inputs, save_report, serve_phase
+from handler.cpus import machine
+from handler.gallery import read_meta
 from model_store.build_archive import archive
 from model_store.serve import SERVER_ENV, start, stop, write_config
-from retrieval.gallery import read_meta
 
 KINDS = {"classify": None,
          "neighbors": {"X-MRL-Neighbors": "10"},

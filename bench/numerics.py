@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, ROOT, demo_inputs, machine, save_report, serve_phase
+from bench.run import BUNDLED, ROOT, demo_inputs, save_report, serve_phase
 from client.http import Client
-from handler.engine import bf16_supported, cpu_isa, isa_name
+from handler.cpus import cpu_isa, isa_name, machine
+from handler.numerics import bf16_supported
 from handler.quantize import Program
 from model_store.build_archive import archive
 from model_store.serve import SERVER_ENV, read_keys, start, stop, wait_ready, write_config
@@ -50,16 +51,16 @@ def graph_modes(ckpt: Path, thresholds: Path, rounds: int = 5, calls: int = 20) 
     against its AOTInductor package (the same program)."""
     import torch
 
-    from handler import quantize
+    from calibration import int8
     from handler.checkpoint import load_mrl_resnet50
     from handler.engine import Engine, configure_threads
 
     configure_threads()
     model, card = load_mrl_resnet50(ckpt, numerics="fp32")
-    program = quantize.for_thresholds(ckpt, thresholds)
+    program = int8.for_thresholds(ckpt, thresholds)
     if program is None:
         raise SystemExit(f"{thresholds} has no int8 set: fit_thresholds.py --numerics int8 --add")
-    packaged = quantize.compile_package(program)
+    packaged = int8.compile_package(program)
     size, sizes = card.preprocessing.crop, (1, 8)
     engines, start_s = {}, {}
     for name, kw in (("fp32/jit", dict(numerics="fp32", graph="jit")),

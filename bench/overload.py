@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, machine, make_checkpoints
+from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, make_checkpoints
 from client.http import Client, Result, run_load
+from handler.cpus import machine
 from model_store.build_archive import archive
 from model_store.serve import SERVER_ENV, processes, read_keys, start, stop, write_config
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.run import DEMO, ROOT, machine
+from bench.run import DEMO, ROOT
 from calibration.methods import exits
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect
-from handler.engine import bf16_supported
+from handler.cpus import machine
+from handler.numerics import bf16_supported
 from handler.thresholds import SETS_SCHEMA, load_thresholds, numerics_sets
 
 AGREEMENT_TARGET = 0.995   # bf16: top-1 agreement with fp32 (issue 6, acceptance 2)
@@ -62,7 +63,7 @@ def parity(fp32: Outputs, other: Outputs, points: dict[str, list], other_points:
 
 def int8_parity(args, cache) -> dict:
     """int8 against fp32, each with the thresholds set fit in its own mode (issue #18's check)."""
-    from handler import quantize
+    from calibration import int8
 
     doc = json.loads(Path(args.thresholds).read_text())
     sets = numerics_sets(doc)
@@ -70,9 +71,9 @@ def int8_parity(args, cache) -> dict:
         raise SystemExit(f"{args.thresholds} holds sets for {sorted(sets)}: fit the missing ones with "
                          "calibration/fit_thresholds.py --numerics int8 (and fp32) --add")
     try:
-        program = quantize.for_thresholds(args.checkpoint, args.thresholds)
+        program = int8.for_thresholds(args.checkpoint, args.thresholds)
     except ValueError as exc:
-        raise SystemExit(str(exc))
+        raise SystemExit(str(exc)) from exc
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
     int8 = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=cache)
     return _against_fp32(args, fp32, int8, "int8", {
@@ -98,11 +99,11 @@ def _against_fp32(args, fp32, other, mode: str, fields: dict) -> dict:
 
 
 def openvino_parity(args, cache) -> dict:
-    """OpenVINO's int8 (NNCF on the thresholds' int8 calibration set, handler/quantize.py) against
+    """OpenVINO's int8 (NNCF on the thresholds' int8 calibration set, calibration/int8.py) against
     fp32 (issue #36, acceptance 3), with int8's limits. The engine has no thresholds set of its own
     yet (calibration/fit_thresholds.py does not fit one), so its cascade is read with the int8 set,
     fit on our int8 program's outputs: what serving it with that set would do."""
-    from handler import quantize
+    from calibration import int8
 
     doc = json.loads(Path(args.thresholds).read_text())
     sets = numerics_sets(doc)
@@ -110,9 +111,9 @@ def openvino_parity(args, cache) -> dict:
     if not fit or "fp32" not in sets:
         raise SystemExit(f"{args.thresholds} needs an fp32 and an int8 set (the int8 record names the calibration data)")
     try:
-        program = quantize.build_openvino(args.checkpoint, fit["data"], images=fit["images"])
+        program = int8.build_openvino(args.checkpoint, fit["data"], images=fit["images"])
     except ValueError as exc:
-        raise SystemExit(str(exc))
+        raise SystemExit(str(exc)) from exc
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
     ov = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=None)
     return _against_fp32(args, fp32, ov, "openvino-int8", {

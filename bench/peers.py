@@ -11,7 +11,7 @@ bundled model, the benchmark's own request images for the ImageNet-size one). Ou
 in the mode of the same name (traced fp32, traced bf16 autocast, the int8 AOTInductor package).
 Both sides get the same normalized tensors (decoded and preprocessed once, no decode timed), the
 same threads, at batch 1 and at the serving batch; each side's graph is static per batch size.
-OpenVINO's int8 model is the OpenVINO engine option's own program (handler/quantize.py:
+OpenVINO's int8 model is the OpenVINO engine option's own program (calibration/int8.py:
 build_openvino), and a second table runs our whole in-process pipeline (decode, preprocess, model,
 cascade) with our int8 engine and with that engine option, on the benchmark's request bodies.
 Rounds alternate between the runners, so a drift in the machine's load lands on every one; the
@@ -21,7 +21,6 @@ Needs the ``peers`` extra (``pip install -e .[peers]``); without it the benchmar
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -32,10 +31,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.run import (BUNDLED, ROOT, calibration_folder, cpu_busy, demo_inputs, imagenet_inputs, int8_for,
-                       int8_set_runs_here, machine, make_checkpoints, save_report, times_of)
+from bench.run import (
+    BUNDLED,
+    ROOT,
+    calibration_folder,
+    cpu_busy,
+    demo_inputs,
+    imagenet_inputs,
+    int8_for,
+    int8_set_runs_here,
+    make_checkpoints,
+    save_report,
+    times_of,
+)
 from handler.checkpoint import load_mrl_resnet50
-from handler.engine import Engine, _Serving, configure_threads, resolve_numerics
+from handler.cpus import machine
+from handler.engine import Engine, Serving, configure_threads
+from handler.numerics import resolve_numerics
 from handler.thresholds import numerics_sets
 
 MODES = ("fp32", "bf16", "int8")
@@ -66,12 +78,12 @@ def batch_of(tensors: list[torch.Tensor], b: int) -> torch.Tensor:
 
 def openvino_models(model, size: int, int8_program) -> dict:
     """Our module, heads and softmax included, as OpenVINO models: 'fp32' (converted here) and
-    'int8' (the OpenVINO engine's own program, handler/quantize.py: NNCF post-training
+    'int8' (the OpenVINO engine's own program, calibration/int8.py: NNCF post-training
     quantization of the same conversion, heads left in floats)."""
     import openvino as ov
 
     example = torch.zeros(1, 3, size, size)
-    fp32 = ov.convert_model(_Serving(model.float().eval()), example_input=example)
+    fp32 = ov.convert_model(Serving(model.float().eval()), example_input=example)
     return {"fp32": fp32, "int8": ov.Core().read_model(str(int8_program.path))}
 
 
@@ -130,7 +142,7 @@ def agreement(fn, ref, tensors: list[torch.Tensor], b: int) -> float:
 def measure(runners: dict, x: torch.Tensor, rounds: int, repeat: int) -> dict:
     """Median seconds per batch for each runner, over ``rounds`` alternating rounds of ``repeat``."""
     times = {name: [] for name in runners}
-    for name, fn in runners.items():  # first calls: oneDNN / OpenVINO pick and cache their kernels
+    for fn in runners.values():  # first calls: oneDNN / OpenVINO pick and cache their kernels
         times_of(lambda: fn(x), 0, warmup=2)
     for r in range(rounds):
         order = list(runners) if r % 2 == 0 else list(reversed(runners))
@@ -141,7 +153,7 @@ def measure(runners: dict, x: torch.Tensor, rounds: int, repeat: int) -> dict:
 
 def model_setup(name: str, ckpt: Path, bodies: list[bytes], tmp: Path):
     """(fp32 model, card, our int8 program, OpenVINO's int8 program, what calibrated both)."""
-    from handler import quantize
+    from calibration import int8
 
     model, card = load_mrl_resnet50(ckpt, numerics="fp32")
     thr = BUNDLED[name][0] / "thresholds.json" if name in BUNDLED else None
@@ -151,7 +163,7 @@ def model_setup(name: str, ckpt: Path, bodies: list[bytes], tmp: Path):
     else:  # as bench/run.py does for a model without an int8 set: its own request images
         thr, spec, images = None, calibration_folder(tmp, name, bodies), len(bodies)
     program = int8_for(ckpt, None if thr is not None else spec, thr)
-    ov_program = quantize.build_openvino(ckpt, spec, images=images)  # the same calibration batches
+    ov_program = int8.build_openvino(ckpt, spec, images=images)  # the same calibration batches
     return model, card, program, ov_program, {"data": spec if thr is not None else "the benchmark's request images",
                                                "images": images}
 

@@ -33,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.overload import percentiles
-from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, machine, make_checkpoints, save_report
+from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, make_checkpoints, save_report
 from client.http import Client, run_load
+from handler.cpus import machine
 from model_store.build_archive import archive
 from model_store.serve import MANAGEMENT, SERVER_ENV, describe, read_keys, start, stop, write_config
 

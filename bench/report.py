@@ -28,8 +28,8 @@ def tables(report: dict) -> str:
              f"Server: batchSize {report['settings']['batch_size']}, maxBatchDelay "
              f"{report['settings']['batch_delay_ms']} ms, one worker.", ""]
     bs = str(report["settings"]["batch_size"])
-    lines += ["| model / mode | raw pipeline b1 (img/s) | raw pipeline b%s (img/s) | backbone b%s GFLOP/s (share of peak) "
-              "| server saturation (img/s) | server / raw | 1 client p50 (ms) | raw b1 latency (ms) | cold start to first answer (s) |" % (bs, bs),
+    lines += [f"| model / mode | raw pipeline b1 (img/s) | raw pipeline b{bs} (img/s) | backbone b{bs} GFLOP/s (share of peak) "
+              "| server saturation (img/s) | server / raw | 1 client p50 (ms) | raw b1 latency (ms) | cold start to first answer (s) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for key, res in report["results"].items():
         raw, srv = res["raw"], res["server"]

@@ -8,7 +8,7 @@ Modes:
   baseline  the usual recipe: eager fp32 NCHW, full JPEG decode, glibc malloc and libgomp defaults;
   fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, SERVER_ENV (malloc, libgomp spin);
   bf16      the same with bf16 autocast (what the demo card serves);
-  int8      the backbone quantized (PT2E, handler/quantize.py) and compiled ahead of time, fp32 heads;
+  int8      the backbone quantized (PT2E, calibration/int8.py) and compiled ahead of time, fp32 heads;
   peers     OpenVINO fp32/bf16/int8 on the same checkpoints beside our engine (bench/peers.py; needs
             the peers extra, else skipped with a note; --no-peers leaves it out);
   auto      bundled models only: the archive built with numerics auto, which serves the fastest
@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,8 +38,10 @@ from PIL import Image
 
 from client.http import Client, run_load
 from handler.checkpoint import ModelCard, imagenet_classes, load_mrl_resnet50, official_card, save_checkpoint
+from handler.cpus import machine
+from handler.engine import configure_threads
 from handler.model import mrl_resnet50
-from handler.engine import choose_numerics, configure_threads, cpu_isa, isa_name, resolve_numerics
+from handler.numerics import choose_numerics, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints, numerics_sets
 from model_store.build_archive import BATCH_DELAY_MS, archive
@@ -60,19 +61,6 @@ MODES = {
     # int8: the PT2E-quantized backbone as an AOTInductor package (handler/quantize.py), fp32 heads.
     "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
 }  # and "auto": one of these per model (auto_mode), served from an archive that says auto
-
-
-# The CPU flags (as lscpu prints them) that decide int8 and bf16 speed; the report lists those present.
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    isa = cpu_isa()
-    flags = set(next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), []))
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": str(torch.__version__),
-            "python": platform.python_version(), **isa, "isa": isa_name(isa),
-            "flags": [f for f in SPEED_FLAGS if f in flags]}
 
 
 def cpu_busy(seconds: float = 3.0) -> float:
@@ -139,7 +127,7 @@ def imagenet_inputs(count: int = 32) -> list[bytes]:
 
 def demo_inputs(count: int = 64, spec: str = "fashion-mnist:test") -> list[bytes]:
     """The first ``count`` images of a data spec, as PNG request bodies."""
-    from training.data import dataset_info, load_spec
+    from imagedata.specs import dataset_info, load_spec
     data = load_spec(spec, dataset_info(spec).classes, limit=count)
     out = []
     for i in range(count):
@@ -183,19 +171,20 @@ def calibration_folder(tmp: Path, model: str, bodies: list[bytes]) -> str:
 
 def int8_set_runs_here(thresholds: Path) -> bool:
     """Whether the thresholds hold an int8 set this CPU can serve (8-bit activations need VNNI)."""
-    from handler import quantize
+    from handler import cpus
 
     fit = numerics_sets(json.loads(thresholds.read_text())).get("int8", {}).get("meta", {}).get("int8_program")
-    return bool(fit) and (fit["reduce_range"] or quantize.cpu_has_vnni())
+    return bool(fit) and (fit["reduce_range"] or cpus.cpu_has_vnni())
 
 
 def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None, batch_size: int = 8):
     """The int8 program (with its package) a server of ``ckpt`` runs: the one its thresholds' int8
     set was fit on, else one calibrated on ``calibration``."""
+    from calibration import int8
     from handler import quantize
 
-    program = quantize.for_thresholds(ckpt, thresholds) if thresholds is not None else None
-    return quantize.compile_package(program or quantize.build(ckpt, calibration), quantize.package_batches(batch_size))
+    program = int8.for_thresholds(ckpt, thresholds) if thresholds is not None else None
+    return int8.compile_package(program or int8.build(ckpt, calibration), quantize.package_batches(batch_size))
 
 
 def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int, int8_program=None) -> dict:

@@ -23,8 +23,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.run import (BUNDLED, MODES, ROOT, calibration_folder, cpu_busy, demo_inputs, imagenet_inputs,
-                       int8_for, machine, make_checkpoints, save_report, serve_phase)
+from bench.run import (
+    BUNDLED,
+    MODES,
+    ROOT,
+    calibration_folder,
+    cpu_busy,
+    demo_inputs,
+    imagenet_inputs,
+    int8_for,
+    make_checkpoints,
+    save_report,
+    serve_phase,
+)
+from handler.cpus import machine
 from handler.engine import configure_threads
 from model_store.build_archive import archive
 from model_store.serve import SERVER_ENV, start, stop, write_config

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 from bench.overload import percentiles
-from bench.run import DEMO, ROOT, demo_inputs, machine, save_report
+from bench.run import DEMO, ROOT, demo_inputs, save_report
 from client.http import Client, run_load
+from handler.cpus import machine
 from model_store import cluster as cl
 from model_store.build_archive import archive
 from model_store.serve import SERVER_ENV, processes, read_keys, start, stop, write_config
@@ -102,7 +103,7 @@ class Attack:
         s.close()
         self.cut += counted
 
-    def __enter__(self) -> "Attack":
+    def __enter__(self) -> Attack:
         self._thread.start()
         return self
 

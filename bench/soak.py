@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEMO, ROOT, demo_inputs, machine
+from bench.run import DEMO, ROOT, demo_inputs
 from client.http import Client
+from handler.cpus import machine
 from model_store.build_archive import archive
 from model_store.serve import SERVER_ENV, processes, read_keys, renew_key, start, stop, write_config
 

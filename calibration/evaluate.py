@@ -18,13 +18,13 @@ import numpy as np
 
 from calibration.methods import exits
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect
-from handler.engine import threshold_numerics
+from handler.numerics import threshold_numerics
 from handler.thresholds import load_thresholds
 
 
 def cascade_report(out: Outputs, thresholds_path: str, point: str | None) -> dict:
     # Checked as the server checks them: fit in the card's numerics or in what this CPU serves it
-    # in (on a CPU without bf16 both serve a bf16 card in fp32: handler.engine.resolve_numerics).
+    # in (on a CPU without bf16 both serve a bf16 card in fp32: handler.numerics.resolve_numerics).
     points = load_thresholds(thresholds_path, nesting=out.nesting, checkpoint_sha256=out.meta["checkpoint_sha256"],
                              numerics=threshold_numerics(out.meta.get("card_numerics", out.meta["numerics"])))
     name = point or points.default

@@ -212,7 +212,7 @@ def write_report(path: Path, out: Outputs, scored: dict, frontier: list[Point], 
              "| operating point | method | holdout top-1 | holdout dims |"
              + (f" {args.eval_data} top-1 | {args.eval_data} dims |" if evals else ""),
              "|---|---|---|---|" + ("---|---|" if evals else "")]
-    for name, (t, method, params, pt) in scored.items():
+    for name, (_t, method, _params, pt) in scored.items():
         row = f"| {name} | {method} | {pt.top1:.4f} | {pt.expected_dims:.1f} |"
         if evals:
             e = evals["points"][name]
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="capture data: only the records of the last N hours")
     p.add_argument("--numerics", choices=("fp32", "bf16", "int8"),
                    help="fit in this mode (default: what this CPU serves the card's in); bf16 is emulated if "
-                        "the CPU lacks it; int8 quantizes the backbone (handler/quantize.py) and records parity")
+                        "the CPU lacks it; int8 quantizes the backbone (calibration/int8.py) and records parity")
     p.add_argument("--int8-data", help="int8: the images that calibrate the quantizer (default: --data)")
     p.add_argument("--add", action="store_true",
                    help="add this numerics mode's set to the --out file (replacing a set of the same mode)")
@@ -293,9 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     program = None
     if args.numerics == "int8":
-        from handler import quantize
+        from calibration import int8
 
-        program = quantize.build(args.checkpoint, args.int8_data or args.data)
+        program = int8.build(args.checkpoint, args.int8_data or args.data)
     out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, since=since,
                   numerics=args.numerics, emulate=bool(args.numerics), int8_program=program)
     if out.meta.get("emulated"):

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from calibration.int8 import RECORD
 from handler.capture import read_capture
 from handler.checkpoint import file_sha256, load_mrl_resnet50, read_checkpoint
-from handler import quantize
-from handler.engine import Engine, configure_threads, resolve_numerics
+from handler.engine import Engine, configure_threads
+from handler.numerics import resolve_numerics
 from handler.preprocess import Normalizer, crop_image
-from training.data import load_spec
+from imagedata.specs import load_spec
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "calibration"
 CAPTURE = "capture:"
@@ -46,7 +47,7 @@ class Outputs:
     def correct(self) -> np.ndarray:
         return self.pred == self.labels[:, None]
 
-    def subset(self, idx: np.ndarray) -> "Outputs":
+    def subset(self, idx: np.ndarray) -> Outputs:
         return Outputs(self.conf[idx], self.pred[idx], self.labels[idx], self.nesting, self.meta)
 
     def top1(self) -> dict[str, float]:
@@ -139,7 +140,7 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
             "preprocessing": card.preprocessing.to_dict(), "nesting": list(card.nesting),
             **({"data_files_sha256": files} if (files := folder_fingerprint(spec)) else {}),
             **({"emulated": True} if emulate else {}),
-            **({"int8_program": {k: int8_program.meta[k] for k in quantize.RECORD}}
+            **({"int8_program": {k: int8_program.meta[k] for k in RECORD}}
                if int8 else {})}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir / f"outputs-{key}.npz" if cache_dir else None
@@ -149,8 +150,10 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
 
     conf, pred = [], []
     data = None
-    for probs, _emb, data in forward_spec(checkpoint, spec, graph=graph, numerics=numerics, batch_size=batch_size,
-                                          progress=progress, emulate=emulate, int8_program=int8_program):
+    # data: the data set, read after the loop (B007 would have it renamed)
+    for probs, _emb, data in forward_spec(  # noqa: B007
+            checkpoint, spec, graph=graph, numerics=numerics, batch_size=batch_size, progress=progress,
+            emulate=emulate, int8_program=int8_program):
         c, p = probs.max(dim=-1)
         conf.append(c.numpy())
         pred.append(p.numpy().astype(np.int32))

@@ -1,7 +1,7 @@
 """Classify a folder of images through a running server, with a progress bar and a summary.
 
     python -m client.classify DIR|FILE... [--model NAME] [--concurrency 4] [--out answers.jsonl|.csv] [--json]
-    python -m training.glyphs export han1000:test /tmp/han-test --limit 2000   # a folder to try
+    python -m imagedata.glyphs export han1000:test /tmp/han-test --limit 2000   # a folder to try
 
 DIR holds image files, directly or one subfolder per class (files may also be named one by one).
 ``--out`` writes one row per file (path, expected, status, label, confidence, embedding_dim,

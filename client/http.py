@@ -11,8 +11,8 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 from urllib.parse import urlsplit
 
 

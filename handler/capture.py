@@ -38,9 +38,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class CaptureConfig:
     file_bytes: int = 16 << 20
 
     @classmethod
-    def from_settings(cls, settings: dict) -> "CaptureConfig | None":
+    def from_settings(cls, settings: dict) -> CaptureConfig | None:
         """The model-config ``handler`` block's capture settings; None when capture is off."""
         folder = settings.get("capture_dir")
         if not folder:

@@ -7,8 +7,8 @@ request is expressed, and how an operating point can skip sizes).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

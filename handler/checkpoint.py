@@ -62,7 +62,7 @@ class ModelCard:
                              f"({len(set(self.classes))} distinct)")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelCard":
+    def from_dict(cls, d: dict) -> ModelCard:
         known = {"name", "classes", "preprocessing", "nesting", "head", "blurpool", "numerics",
                  "architecture", "training", "metrics"}
         unknown = set(d) - known

@@ -1,4 +1,5 @@
-"""How many cores this process may use: its CPU quota where a cgroup sets one, else its affinity.
+"""The CPU a worker runs on: how many cores it may use (its CPU quota where a cgroup sets one, else
+its affinity) and which instructions it has (the ISA that picks numerics and kernels).
 
 A container's ``--cpus 1`` (a Kubernetes CPU limit) is a CFS quota, not an affinity: on a 64-core
 node ``os.sched_getaffinity`` still lists 64 cores, and a worker that starts a thread per core is
@@ -69,3 +70,55 @@ def _v1_limit(quota_path: Path, period_path: Path) -> float | None:
         return None if quota <= 0 else quota / period
     except (OSError, ValueError, ZeroDivisionError):
         return None
+
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as the kernel lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def cpu_isa(flags: set[str] | None = None) -> dict[str, bool]:
+    """The CPU features that decide the fast numerics and their kernels."""
+    flags = cpu_flags() if flags is None else flags
+    return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": "amx_bf16" in flags and "amx_int8" in flags}
+
+
+def isa_name(isa: dict[str, bool]) -> str:
+    """The CPU's class for numerics: amx, avx512_bf16, vnni or avx2."""
+    return "amx" if isa["amx"] else "avx512_bf16" if isa["avx512_bf16"] else "vnni" if isa["vnni"] else "avx2"
+
+
+def cpu_has_vnni() -> bool:
+    """VNNI (AVX512-VNNI, AVX-VNNI) or AMX: int8 dot products without int16 saturation."""
+    isa = cpu_isa()
+    return isa["vnni"] or isa["amx"]
+
+
+# The CPU flags (as lscpu prints them) that decide int8 and bf16 speed; a machine line lists those present.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine() -> dict:
+    """The machine line every measured figure carries: CPU model, cores, ISA class and speed flags,
+    torch and Python versions."""
+    import platform
+
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        cpu = "?"
+    flags = cpu_flags()
+    isa = cpu_isa(flags)
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": str(torch.__version__),
+            "python": platform.python_version(), **isa, "isa": isa_name(isa),
+            "flags": [f for f in SPEED_FLAGS if f in flags]}

@@ -12,7 +12,7 @@ the ``module.`` prefix is stripped (see ``handler.checkpoint``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

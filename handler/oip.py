@@ -18,8 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from handler.errors import InputError
 from handler.requests import OPTIONS, Options, parse_options

@@ -47,7 +47,7 @@ class Preprocessing:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(color_mode=d["color_mode"], resize=int(d["resize"]), crop=int(d["crop"]),
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
                    interpolation=d.get("interpolation", "bilinear"))

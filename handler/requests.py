@@ -18,13 +18,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from handler.errors import InputError
 
 OPTIONS = ("dim", "operating_point", "top_k", "return_embedding", "neighbors", "funnel")
-# Served search methods (retrieval/search.py; HNSW is evaluated there, not served: its index holds
+# Served search methods (handler/search.py; HNSW is evaluated there, not served: its index holds
 # a float32 copy of the whole gallery). Named here so that parsing needs no FAISS.
 FUNNELS = ("rerank", "rerank16", "funnel", "exact")
 MAX_NEIGHBORS = 100

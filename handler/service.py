@@ -12,20 +12,29 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from handler.capture import CaptureConfig, TrafficCapture
 from handler.cascade import CascadeResult, fixed_dim_row, run_cascade, threshold_rows
 from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
-from handler.engine import Engine, bf16_supported, choose_numerics, resolve_numerics
+from handler.engine import Engine
 from handler.errors import InputError
 from handler.metrics import MetricsSink, NullSink
-from handler.preprocess import (MAX_PIXELS, RELEASE_BYTES, Normalizer, crop_image, decode_image,
-                                 decoded_bytes, release_freed_memory)
+from handler.numerics import bf16_supported, choose_numerics, resolve_numerics
 from handler.oip import V2Request, parse_v2, v2_body, v2_error, v2_response
+from handler.preprocess import (
+    MAX_PIXELS,
+    RELEASE_BYTES,
+    Normalizer,
+    crop_image,
+    decode_image,
+    decoded_bytes,
+    release_freed_memory,
+)
 from handler.requests import Options, parse_item
 from handler.thresholds import OperatingPoints, numerics_sets, parse_thresholds
 
@@ -70,7 +79,7 @@ class MRLService:
         rows = {name: list(t) for name, t in points.points.items()}
         rows.update({m: fixed_dim_row(self.nesting, m) for m in self.nesting})
         self._rows = {k: threshold_rows(r, 1)[0] for k, r in rows.items()}
-        self.gallery = gallery  # retrieval.gallery.Gallery: neighbors requests search it
+        self.gallery = gallery  # handler.gallery.Gallery: neighbors requests search it
         self.checkpoint_sha256 = checkpoint_sha256  # a rebuilt gallery must come from it too
         self._gallery_refused: tuple | None = None  # the rebuilt meta.json that failed to open
         self.capture = None
@@ -86,14 +95,14 @@ class MRLService:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, gallery_dir: str | Path | None = None, graph_cache: bool = True,
-                 numerics: str = "card", **kwargs) -> "MRLService":
+                 numerics: str = "card", **kwargs) -> MRLService:
         """Load ``checkpoint.pt`` and, if present, ``thresholds.json`` from a model folder, and the
         gallery in ``gallery_dir`` (refused if it was built from another checkpoint).
 
         ``graph_cache``: the first worker keeps its frozen graph in the model folder, so that a
         worker restarted after a crash loads it instead of tracing again (docs/reliability.md).
 
-        ``numerics``: 'card', a mode, or 'auto' (``handler.engine.choose_numerics``); int8 runs the
+        ``numerics``: 'card', a mode, or 'auto' (``handler.numerics.choose_numerics``); int8 runs the
         quantized backbone ``int8.pt2`` of the folder (handler/quantize.py) and needs a thresholds
         set fit on exactly that program."""
         model_dir = Path(model_dir)
@@ -125,7 +134,7 @@ class MRLService:
             points = OperatingPoints.fixed(card.nesting)
         gallery = None
         if gallery_dir:
-            from retrieval.gallery import Gallery  # FAISS only where a gallery is served
+            from handler.gallery import Gallery  # FAISS only where a gallery is served
             gallery = Gallery.open(gallery_dir, checkpoint_sha256=sha, hnsw=False)
             log.info("gallery %s: %d items from %s", gallery_dir, len(gallery), gallery.meta.get("spec"))
         return cls(model, card, points, checkpoint_sha256=sha, gallery=gallery,
@@ -206,7 +215,7 @@ class MRLService:
         return out  # type: ignore[return-value]
 
     def _refresh_gallery(self) -> None:
-        """Serve a gallery rebuilt in place (retrieval/gallery.py switches versions atomically) from
+        """Serve a gallery rebuilt in place (retrieval/gallery.py builds a new version and switches atomically) from
         this batch on. One that cannot be opened (another checkpoint, parts that disagree) is
         logged once and the one being served is kept."""
         old = self.gallery
@@ -260,7 +269,7 @@ class MRLService:
 
     def _search(self, emb: torch.Tensor, rows: list[int], funnel: str, k: int, answers: list[dict]) -> None:
         """One search for the queries ``rows``, all asking for k neighbours in one funnel."""
-        from retrieval.search import search  # only reached with a gallery (parse_options checks)
+        from handler.search import search  # only reached with a gallery (parse_options checks)
 
         t0 = time.perf_counter()
         r = search(self.gallery, emb[rows].float().cpu().numpy(), k, funnel)

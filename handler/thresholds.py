@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 SCHEMA = "mrl-serve-thresholds/1"
 SETS_SCHEMA = "mrl-serve-thresholds/2"  # one set per numerics mode
@@ -54,7 +54,7 @@ class OperatingPoints:
         return self.default != FIXED_2048
 
     @classmethod
-    def fixed(cls, nesting: Sequence[int]) -> "OperatingPoints":
+    def fixed(cls, nesting: Sequence[int]) -> OperatingPoints:
         """No fitted thresholds: every request is answered at the largest size."""
         return cls({FIXED_2048: (None,) * (len(nesting) - 1)}, FIXED_2048, {"nesting": list(nesting)})
 

@@ -1,7 +1,8 @@
 """TorchServe entry point: the only module that touches ``ts.*``.
 
 It builds an ``MRLService`` from the model folder TorchServe unpacked (checkpoint.pt with its
-model card, optional thresholds.json) and the ``handler:`` block of model-config.yaml, then turns
+model card, optional thresholds.json) and the ``handler:`` block of model-config.yaml
+(``WorkerSettings``, handler/settings.py), then turns
 each batch into per-request HTTP statuses and JSON bodies.
 """
 from __future__ import annotations
@@ -24,11 +25,10 @@ if (_ARCHIVE / "handler" / "__init__.py").is_file() and sys.path[:1] != [str(_AR
     sys.path.insert(0, str(_ARCHIVE))
 
 import handler  # noqa: E402  (after the path fix above)
-from handler.capture import CaptureConfig  # noqa: E402
-from handler.cpus import cpu_budget  # noqa: E402
 from handler.engine import configure_threads  # noqa: E402
 from handler.metrics import SPECS  # noqa: E402
 from handler.service import MRLService  # noqa: E402
+from handler.settings import WorkerSettings  # noqa: E402
 
 log = logging.getLogger(__name__)
 _TYPES = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM, "gauge": MetricTypes.GAUGE}
@@ -52,20 +52,18 @@ class MRLHandler:
         t0 = time.perf_counter()
         props = context.system_properties
         config = getattr(context, "model_yaml_config", None) or {}
-        settings = config.get("handler", {})
+        settings = WorkerSettings.from_config(config)
         gpu = props.get("gpu_id")
         device = f"cuda:{gpu}" if gpu is not None and _cuda_available() else "cpu"
-        threads = configure_threads(int(settings.get("threads", 0)) or _threads_per_worker(config))
+        threads = configure_threads(settings.threads)
         batch_size = int(props.get("batch_size") or 1)
         self.service = MRLService.from_dir(
             props["model_dir"], name=context.model_name, device=device,
-            graph=settings.get("graph", "eager"), batch_sizes=_warm_sizes(batch_size),
-            channels_last=bool(settings.get("channels_last", True)),
-            jpeg_draft=bool(settings.get("jpeg_draft", True)),
-            onednn_fusion=bool(settings.get("onednn_fusion", True)), sink=TorchServeSink(context.metrics),
-            capture=CaptureConfig.from_settings(settings), gallery_dir=settings.get("gallery_dir"),
-            **({"exact_max_items": int(settings["exact_max_items"])} if "exact_max_items" in settings else {}),
-            graph_cache=bool(settings.get("graph_cache", True)), numerics=str(settings.get("numerics", "card")))
+            graph=settings.graph, batch_sizes=_warm_sizes(batch_size), channels_last=settings.channels_last,
+            jpeg_draft=settings.jpeg_draft, onednn_fusion=settings.onednn_fusion, sink=TorchServeSink(context.metrics),
+            capture=settings.capture, gallery_dir=settings.gallery_dir,
+            **({"exact_max_items": settings.exact_max_items} if settings.exact_max_items is not None else {}),
+            graph_cache=settings.graph_cache, numerics=settings.numerics)
         t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s code=%s", context.model_name, device, threads,
@@ -93,17 +91,6 @@ class MRLHandler:
 def _warm_sizes(batch_size: int) -> list[int]:
     """Every batch size dynamic batching can form; warm-up runs each one once at start."""
     return list(range(1, batch_size + 1))
-
-
-def _threads_per_worker(config: dict) -> int | None:
-    """threads: 0 in model-config: the cores this worker may use (its cgroup's CPU quota where one
-    is set, else its affinity; handler/cpus.py) shared among the model's workers, so that two
-    workers on two cores, or under a 2-CPU limit on a 64-core node, do not each run more threads
-    than there are cores. None (configure_threads then takes MRL_THREADS) when MRL_THREADS is set."""
-    if int(os.environ.get("MRL_THREADS", 0)):  # the environment's choice wins
-        return None
-    workers = int(config.get("maxWorkers") or config.get("minWorkers") or 1)
-    return max(1, cpu_budget() // workers)
 
 
 def _process_age_s() -> float:

@@ -16,13 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from calibration import int8
 from handler import oip, quantize
 from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
-from handler.engine import threshold_numerics
+from handler.gallery import read_meta
+from handler.numerics import threshold_numerics
 from handler.service import EXACT_MAX_ITEMS
 from handler.thresholds import load_thresholds, numerics_sets
-from retrieval.gallery import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 # maxBatchDelay: how long the first request of a batch waits for company. Requests that queue while
@@ -89,7 +90,7 @@ def build(args: argparse.Namespace) -> Path:
               f"{card.nesting[-1]} dims (operating_point fixed_2048)", file=sys.stderr)
     program = int8_program(args, ckpt)
     if program is not None and args.int8_package:
-        program = quantize.compile_package(program, quantize.package_batches(args.batch_size))
+        program = int8.compile_package(program, quantize.package_batches(args.batch_size))
     out = Path(args.export_path).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,15 +109,13 @@ def build(args: argparse.Namespace) -> Path:
             config += CAPTURE_CONFIG.format(**{**settings, "capture_dir": json.dumps(str(Path(args.capture_dir).resolve()))})
         (stage / "model-config.yaml").write_text(config)
         # Everything beside the checkpoint and the entry point travels in one folder, whose
-        # contents the archiver copies to the archive's root as they are: handler/ and retrieval/
-        # stay packages there (a folder given on its own would be copied flat), so a worker imports
-        # the code of its archive, not whatever a checkout or an install next to it holds.
+        # contents the archiver copies to the archive's root as they are: handler/ stays a package
+        # there (a folder given on its own would be copied flat), so a worker imports the code of
+        # its archive, not whatever a checkout or an install next to it holds. handler/ imports
+        # nothing above it (make lint), so it is all the code a worker needs, gallery search included.
         payload = stage / "payload"
         payload.mkdir()
         shutil.copytree(ROOT / "handler", payload / "handler", ignore=_not_code)
-        if args.gallery_dir:  # the worker's search code: the gallery itself stays where it is
-            shutil.copytree(ROOT / "retrieval", payload / "retrieval",
-                            ignore=lambda _d, names: [n for n in names if n not in ("__init__.py", "gallery.py", "search.py")])
         (payload / "oip_metadata.json").write_text(json.dumps(oip.model_metadata(gallery=bool(args.gallery_dir)), indent=1))
         if args.thresholds:
             shutil.copy(args.thresholds, payload / "thresholds.json")
@@ -156,10 +155,10 @@ def int8_program(args: argparse.Namespace, ckpt: Path):
     if args.numerics not in ("int8", "auto"):
         return None
     try:
-        program = quantize.for_thresholds(ckpt, args.thresholds) if args.thresholds else None
+        program = int8.for_thresholds(ckpt, args.thresholds) if args.thresholds else None
     except ValueError as exc:
         if args.numerics == "int8":
-            raise SystemExit(str(exc))
+            raise SystemExit(str(exc)) from exc
         print(f"warning: {exc}; auto leaves int8 out of this archive", file=sys.stderr)
         return None
     if program is not None or args.numerics == "auto":
@@ -169,7 +168,7 @@ def int8_program(args: argparse.Namespace, ckpt: Path):
                          "calibration/fit_thresholds.py --numerics int8 --add")
     if not args.int8_data:
         raise SystemExit("--numerics int8 without thresholds needs --int8-data (calibration images)")
-    return quantize.build(ckpt, args.int8_data)
+    return int8.build(ckpt, args.int8_data)
 
 
 def archive(checkpoint: str | Path, export_path: str | Path, **options) -> Path:

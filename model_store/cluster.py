@@ -43,8 +43,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.serve import (ROOT, SERVER_ENV, processes, read_keys, start as start_server, stop as stop_server,
-                               wait_ready, write_config)
+from model_store.serve import ROOT, SERVER_ENV, processes, read_keys, wait_ready, write_config
+from model_store.serve import start as start_server
+from model_store.serve import stop as stop_server
 
 CLUSTER = ROOT / "logs" / "cluster"
 GATEWAY_PORT = 8080

@@ -12,6 +12,7 @@ the frontend with ``-javaagent:`` pointing at the result (``vmargs``).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -27,10 +28,12 @@ MANIFEST = "Manifest-Version: 1.0\nPremain-Class: mrl.oip.Agent\nCreated-By: mrl
 
 
 def frontend_jar() -> Path:
-    """model-server.jar of the torchserve installed beside this Python."""
-    import ts
-
-    jar = Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
+    """model-server.jar of the torchserve installed beside this Python (found, not imported:
+    handler/ts_handler.py is the only module that imports TorchServe)."""
+    spec = importlib.util.find_spec("ts")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("torchserve is not installed beside this Python")
+    jar = Path(spec.origin).resolve().parent / "frontend" / "model-server.jar"
     if not jar.is_file():
         raise FileNotFoundError(f"no TorchServe frontend jar at {jar}")
     return jar

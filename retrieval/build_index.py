@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from calibration.outputs import forward_spec
 from handler.checkpoint import file_sha256, read_checkpoint
-from handler.engine import resolve_numerics
+from handler.numerics import resolve_numerics
 from retrieval.gallery import SHORTLIST_DIMS, build
 
 

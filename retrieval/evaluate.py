@@ -6,7 +6,7 @@
     ... --sizes 10000,100000,1000000 --out F                     # cost curve over the first N items
 
 Queries come from a split that is never in the gallery (the spec must differ from the gallery's).
-Per method (exact 2048-d on a FAISS flat index, each named funnel of retrieval/search.py, FAISS
+Per method (exact 2048-d on a FAISS flat index, each named funnel of handler/search.py, FAISS
 HNSW at several efSearch values, and HNSW at the smallest efSearch reaching the default's recall):
 
 * mAP@10 as the MRL paper's notebook computes it (RAIVNLab/MRL retrieval/compute_metrics.ipynb):
@@ -16,7 +16,7 @@ HNSW at several efSearch values, and HNSW at the smallest efSearch reaching the 
 * precision@10: the share of the 10 retrieved items of the query's class.
 * recall@10 against exact search: the share of the exact 2048-d top 10 that the method returns
   (the notebook's recall divides hits by 1,300 ImageNet images per class instead; we do not).
-* MFLOPs per query (see retrieval/search.py) and wall-clock per query: one query at a time
+* MFLOPs per query (see handler/search.py) and wall-clock per query: one query at a time
   (median over ``--single`` queries) and the whole query set in one batch.
 Also k-NN classification top-1 (k = 10) at each prefix size. Writes JSON and a plot beside it.
 """
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import machine
 from handler.checkpoint import file_sha256
+from handler.cpus import machine
+from handler.gallery import EMBED_DIM, Gallery
+from handler.search import FUNNELS, knn_labels, search
 from retrieval.build_index import embed
-from retrieval.gallery import EMBED_DIM, Gallery
-from retrieval.search import FUNNELS, knn_labels, search
 
 K = 10
 

@@ -8,7 +8,7 @@ one Query API call whose nested ``prefetch`` runs the shortlist and the query re
 Each point is one gallery item: its id is the item's position in the gallery, its payload the
 label and item id, and its vectors the separately normalised prefixes the funnel uses, named
 ``d{m}`` (the default funnel needs two: ``d32`` and ``d2048``). Qdrant scores them by cosine, as
-the in-process search does, so a funnel asked of Qdrant and of retrieval.search gives the same
+the in-process search does, so a funnel asked of Qdrant and of handler.search gives the same
 neighbours; ``check`` compares the two on real queries (qdrant-client's local mode by default, or a
 server with --url). ``check`` never writes to a collection it did not make: it uploads the gallery
 (or its first ``--items``) into a scratch collection of its own and deletes it afterwards, or, given
@@ -23,12 +23,12 @@ import json
 import os
 import secrets
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from retrieval.gallery import EMBED_DIM, Gallery, normalize, prefix
-from retrieval.search import FUNNELS, funnel_stages
+from handler.gallery import EMBED_DIM, Gallery, normalize, prefix
+from handler.search import FUNNELS, funnel_stages
 
 BATCH = 2048   # points per upsert
 
@@ -85,7 +85,7 @@ def search(client, collection: str, queries: np.ndarray, k: int,
            funnel: str | Sequence[tuple[int, int]] = "rerank", *,
            checkpoint_sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The funnel as one Query API call per query (all sent in one batch request): (positions,
-    scores), each (Q, k), best first. The stages are the ones retrieval.search plans for a gallery
+    scores), each (Q, k), best first. The stages are the ones handler.search plans for a gallery
     of the collection's size. Refuses a collection from another checkpoint when given the hash."""
     from qdrant_client import models
 
@@ -200,8 +200,8 @@ def _upload_with_bar(client, collection: str, gallery: Gallery, funnel: str) -> 
 
 
 def _check(client, collection: str, gallery: Gallery, sha: str, args, argv) -> dict:
+    from handler import search as local
     from retrieval.build_index import embed
-    from retrieval import search as local
 
     n = describe(client, collection)["n"]
     if n != len(gallery):

@@ -15,8 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 from handler.checkpoint import ModelCard, save_checkpoint  # noqa: E402
 from handler.model import MRLResNet50  # noqa: E402
+from imagedata.specs import FASHION_MNIST_DIR  # noqa: E402
 from tests import deps  # noqa: E402
-from training.data import FASHION_MNIST_DIR  # noqa: E402
 from training.train_mrl import demo_preprocessing  # noqa: E402
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

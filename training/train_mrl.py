@@ -14,7 +14,7 @@ The loss is the MRL loss: sum over nesting sizes m of c_m * CE(logits_m, y), wit
 smoothing. Inputs go through the server's own preprocessing (``handler.preprocess``) once, up
 front; augmentation (random crop with zero padding, horizontal flip where the data set allows it)
 then runs on the batch. Classes, normalisation and augmentation come from the data set
-(``training.data.dataset_info``). Each epoch logs per-size top-1 on the spec's holdout split;
+(``imagedata.specs.dataset_info``). Each epoch logs per-size top-1 on the spec's holdout split;
 a resumable state is saved after every epoch.
 At the end the model is written in this project's checkpoint format with its model card.
 """
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from handler.checkpoint import ModelCard, file_sha256, read_checkpoint, save_checkpoint
 from handler.model import DEFAULT_NESTING, MRLResNet50
 from handler.preprocess import Normalizer, Preprocessing, crop_image
-from training.data import ArrayImages, DatasetInfo, dataset_info, load_spec
+from imagedata.specs import ArrayImages, DatasetInfo, dataset_info, load_spec
 
 # Defaults: the demo recipe, 145 minutes on 2 cores here (docs/models.md has the epochs/accuracy trade).
 # 32x32 trains at about 200 img/s here; 64x64 at 70 and 40x40 at 116 (bf16, batch 128).

@@ -7,10 +7,10 @@ import pytest
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.service import MRLService
 from handler.thresholds import SCHEMA, OperatingPoints
+from imagedata.specs import FASHION_MNIST_DIR, fashion_mnist
 from retrieval.gallery import build
 from tests import deps
 from tests.integration.server import running_server
-from training.data import FASHION_MNIST_DIR, fashion_mnist
 
 pytestmark = pytest.mark.integration
 

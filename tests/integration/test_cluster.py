@@ -8,9 +8,9 @@ import datetime
 import json
 import threading
 import time
-from dataclasses import dataclass
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import pytest
 
@@ -310,6 +310,7 @@ def test_tritonclient_through_the_gateway_sees_the_model_ready_and_its_metadata(
     """Issue #32, acceptance 3, through the replica gateway: the OIP agent's model routes answer on
     every replica, and the gateway forwards them with the caller's gateway key."""
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     from handler.oip import model_metadata
 
@@ -323,5 +324,5 @@ def test_tritonclient_through_the_gateway_sees_the_model_ready_and_its_metadata(
         assert meta["name"] == "mrl_resnet50" and meta["inputs"] == model_metadata(gallery=True)["inputs"]
         assert meta["outputs"] == model_metadata(gallery=True)["outputs"]
     assert not client.is_model_ready("no_such_model", headers=auth)
-    with pytest.raises(Exception):
+    with pytest.raises(InferenceServerException, match="401"):
         client.get_model_metadata("mrl_resnet50")  # no key: 401 at the gateway

@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from bench.run import machine
+from handler.cpus import machine
 from model_store.serve import EXAMPLES, ROOT
 from tests import deps
 from tests.integration.bundled import build_bundled, check_answer, curl
@@ -307,8 +307,8 @@ def test_under_one_cpu_no_worker_runs_more_than_one_thread(image, served):
     one-worker archive, which takes every core without a quota (os.cpu_count() here), runs one
     thread under --cpus 1. And SIGTERM stops the container at once (tini passes it on)."""
     podman("rm", "--force", "--time", "20", served.name, check=False, timeout=60)
-    from tests.integration.bundled import MODELS
     from model_store.build_archive import archive
+    from tests.integration.bundled import MODELS
 
     folder = Path(tempfile.mkdtemp(prefix="mrl-models-1w-"))
     folder.chmod(0o755)

@@ -78,7 +78,7 @@ def test_large_images_leave_the_workers_memory_as_they_found_it(tmp_path):
         assert client.predict(small).status == 200
         after = status(pid)
         assert server.worker_pids() == [pid]
-    print("\nworker RSS before %.0f MiB; per image (peak above, held above): %s" % (
-        before / MiB, {k: (round(p), round(h)) for k, (p, h) in report.items()}))
+    print(f"\nworker RSS before {before / MiB:.0f} MiB; per image (peak above, held above): "
+          f"{ {k: (round(p), round(h)) for k, (p, h) in report.items()} }")
     assert (after["VmHWM"] - before) / MiB < 600, report
     assert abs(after["VmRSS"] - before) / MiB <= 150, (after["VmRSS"] - before) / MiB

@@ -24,16 +24,16 @@ from PIL import ImageOps
 from calibration import fit_thresholds, split_experiment
 from calibration.methods import exits
 from calibration.outputs import from_capture
-from handler.thresholds import load_thresholds
 from client.http import run_load
+from handler.thresholds import load_thresholds
+from imagedata import glyphs
+from imagedata.specs import FASHION_MNIST_DIR, fashion_mnist
 from monitoring import prometheus
 from monitoring.queries import rule_expressions
 from tests import deps
 from tests.integration.conftest import png
 from tests.integration.server import ROOT, build_archive, prom_query, running_prometheus, running_server
 from tests.integration.test_metrics import delta
-from training import glyphs
-from training.data import FASHION_MNIST_DIR, fashion_mnist
 
 pytestmark = pytest.mark.integration
 DEMO = ROOT / "model_store" / "fashion_mnist"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from handler.checkpoint import file_sha256
-from retrieval.gallery import Gallery, build
+from handler.gallery import Gallery
+from retrieval.gallery import build
 from tests.integration.server import running_server
 
 pytestmark = pytest.mark.integration

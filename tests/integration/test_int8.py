@@ -4,8 +4,8 @@ and answers as the same program does in process under torch.compile."""
 import numpy as np
 import pytest
 
+from calibration import int8
 from client.http import run_load
-from handler import quantize
 from handler.checkpoint import load_mrl_resnet50
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
@@ -34,8 +34,8 @@ def test_an_int8_archive_serves_its_quantized_backbone(tiny_checkpoint, calibrat
         assert {r.status for r in served} == {200}
         scrape = server.scrape()
         assert 'mrl_numerics_info{' in scrape and 'numerics="int8"' in scrape
-    # The same program in process (quantize.build finds the one the archive builder made).
-    program = quantize.build(tiny_checkpoint, str(calibration_folder))
+    # The same program in process (int8.build finds the one the archive builder made).
+    program = int8.build(tiny_checkpoint, str(calibration_folder))
     model, card = load_mrl_resnet50(tiny_checkpoint)
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
                      batch_sizes=(1, 4))

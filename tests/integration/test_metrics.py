@@ -83,7 +83,7 @@ def test_counters_match_the_responses_exactly(tiny_server, test_images):
     exits = delta(after, before, "mrl_cascade_exits_total")
     assert sum(exits.values()) == len(ok)
     expected_errors: dict = {}
-    for _, _, status, reason in MIX:
+    for _, _, _status, reason in MIX:
         if reason:
             expected_errors[reason] = expected_errors.get(reason, 0) + 1
     assert delta(after, before, "mrl_request_errors_total", by="reason") == expected_errors

@@ -16,8 +16,8 @@ import pytest
 
 from bench import recovery
 from client.http import run_load
-from tests.corpus import cases
 from model_store.serve import start, stop
+from tests.corpus import cases
 from tests.integration.server import PORTS, ROOT, running_server
 
 pytestmark = pytest.mark.integration

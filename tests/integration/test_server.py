@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from client.http import run_load
-from handler.checkpoint import load_mrl_resnet50
+from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.service import MRLService
 from handler.thresholds import load_thresholds
-from handler.checkpoint import file_sha256
 
 pytestmark = pytest.mark.integration
 FIELDS = {"label", "class_index", "confidence", "embedding_dim", "sizes_tried", "operating_point", "top_k"}
@@ -38,7 +37,7 @@ def test_200_images_from_8_clients_match_the_in_process_cascade(tiny_server, tin
     expected = []
     for i in range(0, 200, 8):
         expected += local.handle([{"body": b} for b in test_images[i:i + 8]])
-    for r, (status, body) in zip(results, expected):
+    for r, (_status, body) in zip(results, expected):
         assert (r.body["label"], r.body["embedding_dim"]) == (body["label"], body["embedding_dim"])
     assert len({r.body["embedding_dim"] for r in results}) > 1  # the thresholds spread the exits
     after = tiny_server.scrape()
@@ -111,8 +110,8 @@ def test_the_folder_client_agrees_with_the_servers_counters(tiny_server, tmp_pat
     import time
 
     from client.classify import main as classify_main
+    from imagedata.specs import fashion_mnist
     from tests.integration.test_metrics import delta
-    from training.data import fashion_mnist
 
     data = fashion_mnist("test")
     for i in range(1000):
@@ -242,9 +241,8 @@ def test_tritonclient_sees_the_server_and_the_model_ready_and_the_models_metadat
 
 def test_the_frontend_jvm_runs_with_the_configured_options(tiny_server):
     """config.properties' vmargs (C1 only, serial GC: bench/server_tuning.py) reach the frontend's JVM."""
-    from model_store.serve import ROOT
-
     from model_store import oip_agent
+    from model_store.serve import ROOT
 
     vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), re.M).group(1)
     # The OIP agent's jar is named relative to the root in config.properties, absolute elsewhere.

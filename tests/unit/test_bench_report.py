@@ -36,10 +36,10 @@ def test_ratios_are_computed_from_the_run():
     lines = rep.ratios(REPORT)
     assert "imagenet: server at saturation against the baseline recipe's: int8 2.30x" in lines
     # best mode int8: 23 of a best raw 25 over b1 and b8; one client 74 ms against raw b1 71 ms
-    assert any(l.startswith("imagenet: best mode int8: server 23.0 img/s = 0.92x its best raw pipeline (25.0")
-               and "+3.0 ms" in l for l in lines), lines
-    assert any(l.startswith("demo: auto chose int8 (auto on avx2): server 210.0 img/s, 1.40x fp32's 150.0")
-               for l in lines), lines
+    assert any(line.startswith("imagenet: best mode int8: server 23.0 img/s = 0.92x its best raw pipeline (25.0")
+               and "+3.0 ms" in line for line in lines), lines
+    assert any(line.startswith("demo: auto chose int8 (auto on avx2): server 210.0 img/s, 1.40x fp32's 150.0")
+               for line in lines), lines
     assert lines[-1].endswith("at most 14.0 s (imagenet/int8)")
 
 
@@ -47,9 +47,9 @@ def test_the_tables_state_the_isa_and_leave_int8_without_a_peak_share():
     text = rep.tables(REPORT)
     assert "ISA avx2 (avx2=True, vnni=False, avx512_bf16=False, amx=False)" in text
     assert "2% of the cores busy before the run" in text
-    int8 = next(l for l in text.splitlines() if l.startswith("| imagenet/int8 |"))
+    int8 = next(line for line in text.splitlines() if line.startswith("| imagenet/int8 |"))
     assert "| 50 |" in int8 and "%" not in int8  # no measured int8 peak: no share of one
-    base = next(l for l in text.splitlines() if l.startswith("| imagenet/baseline |"))
+    base = next(line for line in text.splitlines() if line.startswith("| imagenet/baseline |"))
     assert "| 50 (50%) |" in base and "| 10.0 (c=16) | 1.00 |" in base
     assert "| demo/auto (int8) |" in text
 
@@ -59,7 +59,7 @@ def test_the_stage_counters_parse_from_prometheus_text():
              'mrl_stage_seconds_count{model_name="m",stage="forward"} 3.0',
              'mrl_batches_total{model_name="m"} 3.0',
              'mrl_stage_seconds_bucket{model_name="m",stage="forward",le="0.1"} 1.0']
-    parsed = [STAGE.match(l) for l in lines]
+    parsed = [STAGE.match(line) for line in lines]
     assert [m.group(1) if m else None for m in parsed] == [
         "mrl_stage_seconds_sum", "mrl_stage_seconds_count", "mrl_batches_total", None]
     assert float(parsed[0].group(3)) == 1.5 and 'stage="forward"' in parsed[0].group(2)

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import (FASHION_MNIST_CLASSES, FolderImages, holdout_split, load_spec,
-                           read_idx)
+from imagedata.specs import FASHION_MNIST_CLASSES, FolderImages, holdout_split, load_spec, read_idx
 
 needs_fashion_mnist = pytest.mark.usefixtures("fashion_mnist_installed")
 

@@ -55,7 +55,7 @@ def strict(schema: dict) -> dict:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(kind: str, version: str) -> jsonschema.protocols.Validator:
     for path in CRDS.glob("*.yaml"):
         crd = yaml.load(path.read_text(), Loader=LOADER)

@@ -25,18 +25,18 @@ def test_engine_matches_the_model_at_every_batch_size_in_any_order(tiny_checkpoi
 
 @pytest.mark.parametrize("supported,want", [(True, "bf16"), (False, "fp32")])
 def test_numerics_fall_back_to_fp32_only_where_bf16_is_missing(monkeypatch, supported, want):
-    import handler.engine as engine_mod
-    monkeypatch.setattr(engine_mod, "bf16_supported", lambda device: supported)
-    assert engine_mod.resolve_numerics("bf16") == want
-    assert engine_mod.resolve_numerics("fp32") == "fp32"
+    import handler.numerics as numerics
+    monkeypatch.setattr(numerics, "bf16_supported", lambda device: supported)
+    assert numerics.resolve_numerics("bf16") == want
+    assert numerics.resolve_numerics("fp32") == "fp32"
 
 
 def test_a_bf16_card_is_served_in_fp32_on_a_cpu_without_bf16(tiny_checkpoint, monkeypatch):
-    import handler.engine as engine_mod
+    import handler.numerics as numerics
     from handler.service import MRLService
     from handler.thresholds import OperatingPoints
 
-    monkeypatch.setattr(engine_mod, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(numerics, "bf16_supported", lambda device: False)
     model, card = load_mrl_resnet50(tiny_checkpoint, numerics="bf16")
     service = MRLService(model, card, OperatingPoints.fixed(card.nesting), batch_sizes=(1,))
     assert service.engine.numerics == "fp32" and service.card.numerics == "bf16"
@@ -76,19 +76,3 @@ def test_an_unwritable_graph_cache_costs_a_trace_and_a_warning_only(tiny_checkpo
                         cache_key="sha-a")
     assert not engine.graph_cached and "could not cache" in caplog.text
     assert engine(torch.randn(1, 3, 32, 32))[0].shape[0] == 1
-
-
-def test_workers_of_one_model_share_the_cores_unless_told(monkeypatch):
-    from handler import cpus, ts_handler
-
-    monkeypatch.setattr(ts_handler.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: None)  # no quota: the affinity decides
-    monkeypatch.delenv("MRL_THREADS", raising=False)
-    assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) == 2
-    assert ts_handler._threads_per_worker({"minWorkers": 8, "maxWorkers": 8}) == 1
-    assert ts_handler._threads_per_worker({"minWorkers": 1, "maxWorkers": 1}) == 4  # all cores
-    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: 1.0)  # --cpus 1 on the 4-core node
-    assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) == 1
-    assert ts_handler._threads_per_worker({"minWorkers": 1, "maxWorkers": 1}) == 1
-    monkeypatch.setenv("MRL_THREADS", "3")
-    assert ts_handler._threads_per_worker({"minWorkers": 2, "maxWorkers": 2}) is None  # the environment wins

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import glyphs
-from training.data import dataset_info, load_spec
+from imagedata import glyphs
+from imagedata.specs import dataset_info, load_spec
 from training.train_mrl import parse_args, train
 
 # sha256 (first 16 hex digits) of the raw pixels of a few renders, pinned for GENERATOR_VERSION 2

@@ -1,14 +1,15 @@
 """The OpenVINO engine option (issue #36): when it runs the int8 model (choose_runtime), its refusal
 of a thresholds set that failed parity, the fallback without the openvino package, and a real
 NNCF-quantized program served through MRLService with the cascade unchanged."""
-import io
 import sys
 
 import pytest
 import torch
 
+from calibration import int8
 from handler import quantize
-from handler.engine import OPENVINO_SET, Engine, choose_runtime
+from handler.engine import Engine
+from handler.numerics import OPENVINO_SET, choose_runtime, openvino_versions
 
 ZEN5 = {"avx2": True, "avx512f": True, "vnni": True, "avx512_bf16": True, "amx": False}
 AVX2 = {"avx2": True, "avx512f": False, "vnni": False, "avx512_bf16": False, "amx": False}
@@ -51,13 +52,13 @@ def test_auto_refuses_a_set_that_failed_parity_however_fast():
 
 def test_without_the_openvino_package_auto_falls_back_and_a_request_for_it_is_refused(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
-    assert quantize.openvino_versions() is None
+    assert openvino_versions() is None
     assert choose_runtime("auto", "int8", _sets(), True, ZEN5) == (
         "torch", "auto (openvino: not installed (pip install -e .[peers]))")
     with pytest.raises(ValueError, match=r"not installed \(pip install -e .\[peers\]\)"):
         choose_runtime("openvino", "int8", _sets(), True, ZEN5)
     with pytest.raises(ValueError, match="needs openvino and nncf"):
-        quantize.build_openvino(DEMO, "fashion-mnist:holdout", images=8, cache=tmp_path)
+        int8.build_openvino(DEMO, "fashion-mnist:holdout", images=8, cache=tmp_path)
     program = quantize.OpenVINOProgram(tmp_path / "p.xml", {"fingerprint": "x", "input_size": 32})
     from handler.checkpoint import load_mrl_resnet50
     model, _ = load_mrl_resnet50(DEMO, numerics="fp32")
@@ -73,9 +74,9 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     from handler.service import MRLService
     from handler.thresholds import OperatingPoints
 
-    program = quantize.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path)
+    program = int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path)
     assert quantize.open_openvino(program.path).fingerprint == program.fingerprint
-    assert quantize.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path).path == program.path
+    assert int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path).path == program.path
     model, card = load_mrl_resnet50(DEMO, numerics="fp32")
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
                      batch_sizes=(8,))

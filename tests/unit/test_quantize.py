@@ -1,14 +1,17 @@
 """int8 numerics: the quantized backbone (handler/quantize.py), the Engine that runs it, and how a
-worker chooses its numerics (handler/engine.py: choose_numerics)."""
+worker chooses its numerics (handler/numerics.py: choose_numerics)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from handler import quantize
+from calibration import int8
+from handler import cpus, numerics, quantize
 from handler.checkpoint import file_sha256, load_mrl_resnet50
-from handler.engine import AUTO_ORDER, Engine, choose_numerics, cpu_isa
+from handler.cpus import cpu_isa
+from handler.engine import Engine
+from handler.numerics import AUTO_ORDER, choose_numerics
 from handler.service import MRLService
 from handler.thresholds import SCHEMA, SETS_SCHEMA
 
@@ -42,7 +45,6 @@ def test_auto_takes_the_fastest_mode_this_cpu_runs_that_has_a_set():
 def test_auto_orders_fp32_and_bf16_by_what_this_cpu_measures(monkeypatch):
     """AVX512-BF16 without AMX: bf16 ran at half fp32's rate on a Xeon and at four times it on a
     Zen 5, so the flags cannot order them; the worker measures, and only when it has to."""
-    from handler import engine
 
     BF16 = {**AMX, "amx": False}
     floats = {"fp32": {}, "bf16": {}}
@@ -54,11 +56,11 @@ def test_auto_orders_fp32_and_bf16_by_what_this_cpu_measures(monkeypatch):
     def no_probe():
         raise AssertionError("measured although int8 serves, or only one float mode could")
 
-    monkeypatch.setattr(engine, "bf16_matmul_speedup", no_probe)
+    monkeypatch.setattr(numerics, "bf16_matmul_speedup", no_probe)
     assert choose_numerics("auto", "fp32", {**floats, "int8": PASSED}, True, isa=BF16)[0] == "int8"
     assert choose_numerics("auto", "fp32", {"fp32": {}}, True, isa=BF16)[0] == "fp32"
     assert choose_numerics("auto", "fp32", floats, False, isa=AMX)[0] == "bf16"  # AMX: from the flags
-    monkeypatch.setattr(engine, "bf16_matmul_speedup", lambda: 2.0)
+    monkeypatch.setattr(numerics, "bf16_matmul_speedup", lambda: 2.0)
     assert choose_numerics("auto", "fp32", None, True, isa=BF16)[0] == "bf16"  # no thresholds: any float mode
 
 
@@ -81,38 +83,38 @@ def program(tiny_checkpoint, tmp_path_factory):
     for i in range(32):
         (data / str(i % 10)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(data / str(i % 10) / f"{i}.png")
-    return quantize.build(tiny_checkpoint, str(data), images=32, cache=root / "cache")
+    return int8.build(tiny_checkpoint, str(data), images=32, cache=root / "cache")
 
 
 def test_the_quantized_backbone_runs_close_to_fp32_and_is_cached(tiny_checkpoint, program, tmp_path):
     assert program.meta["checkpoint_sha256"] == file_sha256(tiny_checkpoint)
-    assert program.meta["reduce_range"] == (not quantize.cpu_has_vnni())  # 7-bit activations without VNNI
+    assert program.meta["reduce_range"] == (not cpus.cpu_has_vnni())  # 7-bit activations without VNNI
     assert program.path.stat().st_size < 40 * 2**20  # int8 weights only: the fp32 originals are dropped
-    again = quantize.build(tiny_checkpoint, program.meta["data"], images=32, cache=program.path.parent)
+    again = int8.build(tiny_checkpoint, program.meta["data"], images=32, cache=program.path.parent)
     assert again.path == program.path and again.fingerprint == program.fingerprint  # from the cache
     model, card = load_mrl_resnet50(tiny_checkpoint)
     x = torch.randn(5, 3, 32, 32)
     fp32 = Engine(model, numerics="fp32", input_size=32, batch_sizes=(5,))
-    int8 = Engine(model, numerics="int8", int8_program=program, input_size=32, batch_sizes=(1, 5),
-                  graph_cache=tmp_path / "gc")
-    assert int8.graph == "compile"
-    (p32, e32), (p8, e8) = fp32(x), int8(x)
+    served = Engine(model, numerics="int8", int8_program=program, input_size=32, batch_sizes=(1, 5),
+                    graph_cache=tmp_path / "gc")
+    assert served.graph == "compile"
+    (p32, e32), (p8, e8) = fp32(x), served(x)
     assert p8.shape == p32.shape and e8.shape == e32.shape and p8.dtype == torch.float32
     assert torch.allclose(p8.sum(-1), torch.ones(5, p8.shape[1]), atol=1e-4)
     # Quantization noise, not another function: embeddings correlate closely with fp32's.
     cos = torch.nn.functional.cosine_similarity(e8, e32, dim=-1)
     assert cos.min() > 0.95, cos
-    assert (p8[:1] - int8(x[:1])[0]).abs().max() < 1e-4  # batch 1 (its own graph) gives the same rows
+    assert (p8[:1] - served(x[:1])[0]).abs().max() < 1e-4  # batch 1 (its own graph) gives the same rows
 
 
 def test_an_8_bit_record_is_not_rebuilt_on_a_cpu_without_vnni(tiny_checkpoint, program, tmp_path, monkeypatch):
-    record = {k: program.meta[k] for k in quantize.RECORD}
+    record = {k: program.meta[k] for k in int8.RECORD}
     doc = {"schema": SETS_SCHEMA, "sets": {"int8": {"meta": {"numerics": "int8",
                                                               "int8_program": {**record, "reduce_range": False}}}}}
     (tmp_path / "t.json").write_text(json.dumps(doc))
-    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(int8, "cpu_has_vnni", lambda: False)
     with pytest.raises(ValueError, match="8-bit activations, which saturate on a CPU without VNNI"):
-        quantize.for_thresholds(tiny_checkpoint, tmp_path / "t.json")
+        int8.for_thresholds(tiny_checkpoint, tmp_path / "t.json")
 
 
 def test_a_rebuild_from_a_record_uses_its_activation_scales(tiny_checkpoint, program):
@@ -122,27 +124,27 @@ def test_a_rebuild_from_a_record_uses_its_activation_scales(tiny_checkpoint, pro
     assert len(recorded) > 10 and all(s > 0 and isinstance(z, int) for s, z in recorded.values())
     name = sorted(recorded)[0]
     nudged = {**recorded, name: [recorded[name][0] * 1.001, recorded[name][1]]}
-    again = quantize.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=nudged,
+    again = int8.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=nudged,
                            cache=program.path.parent)
     assert again.path != program.path and again.fingerprint != program.fingerprint
     assert again.meta["activation_qparams"] == nudged
-    code = quantize.torch.export.load(str(again.path)).graph_module.code
+    code = int8.torch.export.load(str(again.path)).graph_module.code
     assert repr(nudged[name][0]) in code or repr(float(torch.tensor(nudged[name][0]))) in code
-    same = quantize.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=recorded,
+    same = int8.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=recorded,
                           cache=program.path.parent / "other")
     assert same.fingerprint == program.fingerprint  # the recorded scales are this calibration's
     # A record from another calibration (a scale 5 % off, or an observer this graph lacks) is refused.
     for bad, match in (({**recorded, name: [recorded[name][0] * 1.05, recorded[name][1]]}, "not the same calibration"),
                        ({**recorded, "activation_post_process_9999": [0.1, 0]}, "observers this graph lacks")):
         with pytest.raises(ValueError, match=match):
-            quantize.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=bad,
+            int8.build(tiny_checkpoint, program.meta["data"], images=32, activation_qparams=bad,
                            cache=program.path.parent)
 
 
 def test_an_8_bit_program_is_refused_on_a_cpu_without_vnni(program, tmp_path):
     meta = {**program.meta, "reduce_range": False}
     eight = quantize.Program(program.path, meta)
-    if quantize.cpu_has_vnni():
+    if cpus.cpu_has_vnni():
         assert quantize.load_backbone(eight) is not None
     else:
         with pytest.raises(ValueError, match="saturates on a CPU without VNNI"):

@@ -3,9 +3,10 @@ force, funnels, HNSW, the metrics' definitions and the refusals."""
 import numpy as np
 import pytest
 
+from handler.gallery import Gallery, normalize
+from handler.search import funnel_stages, knn_labels, search
 from retrieval.evaluate import average_precision_at_k, precision_at_k, recall_against
-from retrieval.gallery import Gallery, build, normalize
-from retrieval.search import funnel_stages, knn_labels, search
+from retrieval.gallery import build
 
 N, C = 3000, 20
 
@@ -153,8 +154,9 @@ def test_building_an_index_twice_gives_the_same_bytes(tiny_checkpoint, tmp_path)
     """build_index embeds through the serving Engine; two builds of one spec are byte-identical
     (the flat indexes, vectors, labels and ids; meta differs only in its creation time)."""
     import json
+
+    from imagedata.specs import fashion_mnist
     from retrieval import build_index
-    from training.data import fashion_mnist
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         build_index.main(["--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "300",

@@ -70,7 +70,7 @@ def test_one_bad_item_fails_alone(service, gray_png):
     alone = service.handle([{"body": gray_png}])[0][1]
     results = service.handle([{"body": gray_png}, {"body": b"\x89PNG\r\n\x1a\nbroken"}, {"body": gray_png}])
     assert [s for s, _ in results] == [200, 400, 200]
-    for status, body in (results[0], results[2]):
+    for _status, body in (results[0], results[2]):
         assert body["label"] == alone["label"] and body["embedding_dim"] == alone["embedding_dim"]
         assert body["confidence"] == pytest.approx(alone["confidence"], abs=1e-5)
 

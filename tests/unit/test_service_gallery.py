@@ -9,10 +9,11 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.gallery import Gallery
 from handler.metrics import PrometheusSink
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
-from retrieval.gallery import Gallery, build
+from retrieval.gallery import build
 from tests.conftest import encode
 
 N = 60
@@ -119,15 +120,15 @@ def test_retrieval_metrics_count_queries_and_stage_sizes(service, images, regist
 def test_the_request_parser_names_exactly_the_served_search_methods():
     """handler.requests keeps its own list (parsing needs no FAISS): it must not drift from search's."""
     from handler.requests import FUNNELS
-    from retrieval.search import METHODS
+    from handler.search import METHODS
     assert set(FUNNELS) == set(METHODS) - {"hnsw"}
 
 
 def test_a_failed_search_fails_its_own_item_alone(service, images, monkeypatch):
     """A fault while searching for one request answers that request 500; the batch's plain
     classifications and its other neighbors requests are answered as they would be alone."""
-    import retrieval.search as search_module
-    from retrieval.gallery import normalize
+    import handler.search as search_module
+    from handler.gallery import normalize
 
     [(_, probe)] = service.handle([{"body": images[5], "dim": b"2048", "return_embedding": b"1"}])
     poison = normalize(np.asarray([probe["embedding"]], dtype=np.float32))[0]

@@ -6,8 +6,15 @@ from handler.checkpoint import file_sha256
 from handler.model import MRLResNet50
 from handler.preprocess import Normalizer
 from tests.unit.test_data import needs_fashion_mnist
-from training.train_mrl import (MRLLoss, augment, build_optimizer, demo_preprocessing, parse_args,
-                                recorded_command, train)
+from training.train_mrl import (
+    MRLLoss,
+    augment,
+    build_optimizer,
+    demo_preprocessing,
+    parse_args,
+    recorded_command,
+    train,
+)
 
 
 def test_mrl_loss_is_the_weighted_sum_of_per_size_cross_entropies():
@@ -16,7 +23,7 @@ def test_mrl_loss_is_the_weighted_sum_of_per_size_cross_entropies():
     per_size = [F.cross_entropy(logits[:, s], y, label_smoothing=0.1) for s in range(4)]
     assert torch.allclose(MRLLoss(label_smoothing=0.1)(logits, y), sum(per_size))
     w = [1.0, 0.5, 2.0, 0.0]
-    assert torch.allclose(MRLLoss(w, label_smoothing=0.1)(logits, y), sum(c * l for c, l in zip(w, per_size)))
+    assert torch.allclose(MRLLoss(w, label_smoothing=0.1)(logits, y), sum(c * loss for c, loss in zip(w, per_size)))
 
 
 def test_augment_keeps_shape_and_content_scale():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.gallery import EMBED_DIM, Gallery, normalize, prefix
+from handler.gallery import EMBED_DIM, Gallery, normalize, prefix
 
 FUNNELS: dict[str, tuple[tuple[int, int], ...]] = {
     "rerank": ((32, 200), (EMBED_DIM, 10)),

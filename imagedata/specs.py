@@ -4,7 +4,7 @@
 * ``fashion-mnist:holdout`` the other 5,000: threshold calibration only, never trained on;
 * ``fashion-mnist:test``    the official 10,000 test images: reporting only;
 * ``han1000:train|holdout|test|ood``  1000 printed Han characters rendered from Debian's CJK fonts
-  (``training.glyphs`` says how); ``han1000:gallery`` a million more renders of the training
+  (``imagedata.glyphs`` says how); ``han1000:gallery`` a million more renders of the training
   families, never trained on, for retrieval galleries;
 * ``/path/to/folder``       one subfolder per class, named by class index (``0/``) or exact name.
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import gzip
 import os
-from pathlib import Path
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -124,8 +124,8 @@ def fashion_mnist(split: str) -> ArrayImages:
 
 
 def han1000(split: str, limit: int | None = None) -> ArrayImages:
-    """One split of han1000 (see ``training.glyphs``), rendered or read from its cache."""
-    from training import glyphs
+    """One split of han1000 (see ``imagedata.glyphs``), rendered or read from its cache."""
+    from imagedata import glyphs
 
     images, labels = glyphs.render_split(split, limit)
     return ArrayImages(images, labels, f"han1000:{split}")
@@ -149,7 +149,7 @@ def dataset_info(spec: str) -> DatasetInfo:
     if family == "fashion-mnist":
         return DatasetInfo("fashion_mnist", FASHION_MNIST_CLASSES, 0.2860, 0.3530, flip=True, pad=2)
     if family == "han1000":
-        from training import glyphs
+        from imagedata import glyphs
 
         # mean/std measured on 3,000 training renders (every 97th image): 0.640, 0.224
         return DatasetInfo("han1000", tuple(glyphs.classes()), 0.640, 0.224, flip=False, pad=0)

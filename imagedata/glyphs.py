@@ -18,8 +18,8 @@ from ``numpy.random.default_rng([SPLIT_SEED[split], i])``. Rendered splits are c
 under ``$MRL_CACHE`` (default ``~/.cache/mrl-serve``), keyed by the manifest and this generator's
 version.
 
-    python -m training.glyphs export han1000:test DIR [--limit N]   # one subfolder per character
-    python -m training.glyphs manifest                               # rewrite han_fonts.json
+    python -m imagedata.glyphs export han1000:test DIR [--limit N]   # one subfolder per character
+    python -m imagedata.glyphs manifest                               # rewrite han_fonts.json
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from handler.checkpoint import file_sha256
+from imagedata import CACHE_ROOT
 
 MANIFEST = Path(__file__).with_name("han_fonts.json")
 GENERATOR_VERSION = 2  # bump when rendering changes: it keys the cache and the pinned test hashes
@@ -48,7 +49,7 @@ EM_FRACTION = 0.80    # the font's em square as a fraction of the output side, b
 SPLIT_SEED = {"train": 1, "holdout": 2, "test": 3, "ood": 4, "gallery": 5}
 PER_CLASS = {"train": 300, "holdout": 10, "test": 10, "ood": 5, "gallery": 1000}
 FAMILY_SPLIT = {"train": "train", "holdout": "train", "test": "test", "ood": "ood", "gallery": "train"}
-CACHE = Path(os.environ.get("MRL_CACHE", Path.home() / ".cache" / "mrl-serve"))
+CACHE = CACHE_ROOT
 
 
 class FontMismatch(ValueError):
