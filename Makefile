@@ -117,7 +117,7 @@ parity: env
 		$(PY) -c "import json, sys; d = json.load(open('$(HAN1000)/thresholds.json')); sys.exit('int8' in d.get('sets', {}))" && \
 		$(PY) calibration/fit_thresholds.py --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt --data han1000:holdout \
 			--out $(HAN1000)/thresholds.json --method frontier --eval-data han1000:test --numerics int8 --add; \
-		if $(PY) -c "import sys; from pathlib import Path; from bench.run import int8_set_runs_here; \
+		if $(PY) -c "import sys; from pathlib import Path; from bench.harness import int8_set_runs_here; \
 			sys.exit(not int8_set_runs_here(Path('$(HAN1000)/thresholds.json')))"; then \
 		$(PY) -m bench.parity --mode int8 --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt \
 			--thresholds $(HAN1000)/thresholds.json --data han1000:test; \

@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, ROOT, demo_inputs, save_report, serve_phase
+from bench.harness import BUNDLED, ROOT, demo_inputs, header, save_report, serve_phase, server
 from handler.capture import FLUSH_S, read_capture
 from handler.checkpoint import file_sha256
-from handler.cpus import machine
-from model_store.build_archive import archive
-from model_store.serve import SERVER_ENV, start, stop, wait_ready, write_config
 
 NAMES = ("plain", "captured")
 
@@ -42,23 +37,14 @@ def main(argv: list[str] | None = None) -> dict:
     folder, spec = BUNDLED[args.model]
     ckpt, thresholds = folder / "mrl_resnet50_fp16.pt", folder / "thresholds.json"
     bodies = demo_inputs(spec=spec)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.capture " + " ".join(argv or sys.argv[1:]), "model": args.model,
+    report = {**header("bench.capture", argv), "model": args.model,
               "phase_s": args.phase_s, "concurrency": args.concurrency, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        store, capture_dir = tmp / "store", tmp / "capture"
-        store.mkdir()
-        for name in NAMES:
-            archive(ckpt, store, thresholds=thresholds, name=name, batch_size=args.batch_size, workers=1,
-                    capture_dir=capture_dir if name == "captured" else None)
-        config = write_config(tmp / "config.properties", store,
-                              extra="\nload_models=" + ",".join(f"{n}.mar" for n in NAMES) + "\n")
-        env = {**os.environ, **SERVER_ENV}
-        stop(tmp)
-        try:
-            start(NAMES[0], 240, root=tmp, config=config, model_store=store, env=env)
-            wait_ready(NAMES[1], 240, tmp)
+        capture_dir = tmp / "capture"
+        archives = {n: dict(thresholds=thresholds, batch_size=args.batch_size, workers=1,
+                            capture_dir=capture_dir if n == "captured" else None) for n in NAMES}
+        with server(tmp, ckpt, archives, timeout=240, load_models=True):
             phases = {n: {"one_client": [], "saturation": []} for n in NAMES}
             for i in range(args.pairs):
                 for name in (NAMES if i % 2 == 0 else NAMES[::-1]):
@@ -67,8 +53,6 @@ def main(argv: list[str] | None = None) -> dict:
                         serve_phase(tmp, bodies, args.concurrency, args.phase_s, model=name))
                     print(name, json.dumps({k: v[-1] for k, v in phases[name].items()}), flush=True)
             time.sleep(2 * FLUSH_S)  # the writer appends at least once a second
-        finally:
-            stop(tmp)
         summary = {n: {"one_client_p50_ms": statistics.median(r["p50_ms"] for r in ph["one_client"]),
                        "one_client_p99_ms": statistics.median(r["p99_ms"] for r in ph["one_client"]),
                        "saturation_img_s": statistics.median(r["img_s"] for r in ph["saturation"]),

@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 
-from bench.run import DEMO, demo_inputs
+from bench.harness import DEMO, demo_inputs
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.cpus import machine
 from handler.engine import configure_threads

@@ -19,15 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from bench.run import demo_inputs
+from bench.harness import DEMO, ROOT, demo_inputs, header, save_report
 from client.http import Client, run_load
-from handler.cpus import machine
 from model_store import cluster as cl
 from model_store.build_archive import archive
 from model_store.serve import processes
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "model_store" / "fashion_mnist"
 KEY = "bench-" + "b" * 26
 
 
@@ -112,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scaling.json")
     args = p.parse_args(argv)
     images = demo_inputs(200)
-    report: dict = {"machine": machine(), "command": "python -m bench.cluster", "model": "fashion_mnist (jit)",
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "throughput": {}}
+    report: dict = {**header("bench.cluster", argv), "model": "fashion_mnist (jit)", "throughput": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = tmp / "model_store"
@@ -141,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"kill drill: {json.dumps(report['kill_drill'])}", flush=True)
             finally:
                 cl.stop(c)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

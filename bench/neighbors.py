@@ -13,18 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.run import BUNDLED, ROOT, demo_inputs, save_report, serve_phase
-from handler.cpus import machine
+from bench.harness import BUNDLED, ROOT, demo_inputs, header, save_report, serve_phase, server
 from handler.gallery import read_meta
-from model_store.build_archive import archive
-from model_store.serve import SERVER_ENV, start, stop, write_config
 
 KINDS = {"classify": None,
          "neighbors": {"X-MRL-Neighbors": "10"},
@@ -46,27 +40,19 @@ def main(argv: list[str] | None = None) -> dict:
     meta = read_meta(args.gallery)
     kinds = [k for k in KINDS if args.exact or k != "neighbors_exact"]
     bodies = demo_inputs(spec=spec)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.neighbors " + " ".join(argv or sys.argv[1:]),
+    report = {**header("bench.neighbors", argv),
               "gallery": {k: meta[k] for k in ("spec", "n", "checkpoint")}, "phase_s": args.phase_s}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        store = tmp / "store"
-        store.mkdir()
-        archive(ckpt, store, thresholds=folder / "thresholds.json", name="han1000", gallery_dir=args.gallery,
-                workers=1, exact_max_items=10**9 if args.exact else None)  # --exact times the full scan
-        config = write_config(tmp / "config.properties", store, extra="\nload_models=han1000.mar\n")
-        stop(tmp)
-        try:
-            start("han1000", 300, root=tmp, config=config, model_store=store, env={**os.environ, **SERVER_ENV})
+        settings = dict(thresholds=folder / "thresholds.json", gallery_dir=args.gallery, workers=1,
+                        exact_max_items=10**9 if args.exact else None)  # --exact times the full scan
+        with server(tmp, ckpt, {"han1000": settings}, timeout=300, load_models=True):
             serve_phase(tmp, bodies, 1, 3.0, headers=KINDS["neighbors"], model="han1000")  # warm: pages in
             phases = {k: [] for k in kinds}
             for i in range(args.pairs):
                 for kind in (kinds if i % 2 == 0 else kinds[::-1]):
                     phases[kind].append(serve_phase(tmp, bodies, 1, args.phase_s, headers=KINDS[kind], model="han1000"))
                     print(kind, json.dumps(phases[kind][-1]), flush=True)
-        finally:
-            stop(tmp)
     summary = {k: {"p50_ms": statistics.median(r["p50_ms"] for r in ph),
                    "p99_ms": statistics.median(r["p99_ms"] for r in ph),
                    "errors": sum(r["errors"] for r in ph)} for k, ph in phases.items()}

@@ -13,36 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.run import BUNDLED, ROOT, demo_inputs, save_report, serve_phase
-from client.http import Client
-from handler.cpus import cpu_isa, isa_name, machine
+from bench.harness import BUNDLED, ROOT, demo_inputs, header, save_report, serve_phase, server
+from handler.cpus import cpu_isa, isa_name
 from handler.numerics import bf16_supported
 from handler.quantize import Program
-from model_store.build_archive import archive
-from model_store.serve import SERVER_ENV, read_keys, start, stop, wait_ready, write_config
 
 
-def cold_start(tmp: Path, store: Path, name: str, body: bytes, env: dict) -> float:
+def cold_start(tmp: Path, store: Path, name: str, body: bytes) -> float:
     """Seconds from `torchserve --start` (this archive alone) to its first answer."""
-    config = write_config(tmp / f"cold-{name}.properties", store, extra=f"\nload_models={name}.mar\n")
-    stop(tmp)
-    t0 = time.perf_counter()
-    try:
-        start(name, 600, root=tmp, config=config, model_store=store, env=env)
-        status = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], name, timeout=120).predict(body).status
+    with server(tmp, models=[name], store=store, load_models=True, timeout=600,
+                config_name=f"cold-{name}.properties") as srv:
+        status = srv.client(name).predict(body).status
         if status != 200:
             raise RuntimeError(f"{name}: first answer {status}")
-        return time.perf_counter() - t0
-    finally:
-        stop(tmp)
+        return time.perf_counter() - srv.started
 
 
 def graph_modes(ckpt: Path, thresholds: Path, rounds: int = 5, calls: int = 20) -> dict:
@@ -101,31 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt, thresholds = folder / "mrl_resnet50_fp16.pt", folder / "thresholds.json"
     if args.graphs:
         isa = cpu_isa()
-        report = {"machine": {**machine(), "isa": isa_name(isa)}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  "command": "python -m bench.numerics " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "model": args.model, **graph_modes(ckpt, thresholds)}
+        report = {**header("bench.numerics", argv, isa=isa_name(isa)), "model": args.model,
+                  **graph_modes(ckpt, thresholds)}
         return save_report(report, args.out or str(ROOT / "docs" / "results" / f"graph_modes_{args.model}.json"), report)
     modes = ["fp32", *(["bf16"] if bf16_supported(__import__("torch").device("cpu")) else []), "int8", "auto"]
     bodies = demo_inputs(spec=spec)
     isa = cpu_isa()
-    report = {"machine": {**machine(), "isa": isa_name(isa), "flags": isa},
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.numerics " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "phase_s": args.phase_s, "concurrency": args.concurrency, "modes": modes}
-    env = {**os.environ, **SERVER_ENV}
+    report = {**header("bench.numerics", argv, isa=isa_name(isa), flags=isa), "model": args.model,
+              "phase_s": args.phase_s, "concurrency": args.concurrency, "modes": modes}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        store = tmp / "store"
-        store.mkdir()
-        for mode in modes:
-            archive(ckpt, store, thresholds=thresholds, name=mode, numerics=mode, workers=1)
-        config = write_config(tmp / "config.properties", store,
-                              extra="\nload_models=" + ",".join(f"{m}.mar" for m in modes) + "\n")
-        stop(tmp)
-        try:
-            start(modes[0], 600, root=tmp, config=config, model_store=store, env=env)
-            for mode in modes[1:]:
-                wait_ready(mode, 600, tmp)
+        archives = {m: dict(thresholds=thresholds, numerics=m, workers=1) for m in modes}
+        with server(tmp, ckpt, archives, timeout=600, load_models=True):
             log = (tmp / "logs" / "model_log.log").read_text(errors="replace")
             chosen = {m: re.findall(rf"numerics (\w+), requested {m}: (.*)$", log, flags=re.M) for m in modes}
             phases = {m: {"saturation": [], "one_client": []} for m in modes}
@@ -135,11 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
                         serve_phase(tmp, bodies, args.concurrency, args.phase_s, model=mode))
                     phases[mode]["one_client"].append(serve_phase(tmp, bodies, 1, args.phase_s / 2, model=mode))
                     print(mode, json.dumps({k: v[-1] for k, v in phases[mode].items()}), flush=True)
-        finally:
-            stop(tmp)
         cold = {}
         for mode in modes:  # the second start of each finds the caches the first one filled
-            cold[mode] = [cold_start(tmp, store, mode, bodies[0], env) for _ in range(2)]
+            cold[mode] = [cold_start(tmp, tmp / "store", mode, bodies[0]) for _ in range(2)]
             print(mode, "cold start s", cold[mode], flush=True)
     summary = {m: {"saturation_img_s": statistics.median(r["img_s"] for r in ph["saturation"]),
                    "one_client_p50_ms": statistics.median(r["p50_ms"] for r in ph["one_client"]),

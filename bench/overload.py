@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import threading
 import time
@@ -30,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, make_checkpoints
+from bench.harness import DEMO, ROOT, demo_inputs, header, imagenet_inputs, make_checkpoints, save_report, server
 from client.http import Client, Result, run_load
-from handler.cpus import machine
-from model_store.build_archive import archive
-from model_store.serve import SERVER_ENV, processes, read_keys, start, stop, write_config
+from model_store.serve import processes
 
 TIMEOUT_S = 30  # the archives' responseTimeout
 
@@ -102,17 +98,6 @@ def phase_report(results: list[Result], sent: dict, rate: float, duration: float
             "refusal_bodies": bodies, "worker_rss_mb_before": rss[0], "worker_rss_mb_after": rss[1]}
 
 
-def serve(tmp: Path, ckpt: Path, env: dict, queue_size: int | None, batch_size: int) -> None:
-    store = tmp / "store"
-    if store.exists():
-        for f in store.iterdir():
-            f.unlink()
-    store.mkdir(exist_ok=True)
-    archive(ckpt, store, batch_size=batch_size, timeout=TIMEOUT_S, queue_size=queue_size, workers=1)
-    config = write_config(tmp / "config.properties", store)
-    start("mrl_resnet50", 300, root=tmp, config=config, model_store=store, env=env)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="imagenet", choices=("imagenet", "demo"))
@@ -125,20 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "overload.json"))
     args = p.parse_args(argv)
     multiples = [float(m) for m in args.multiples.split(",")]
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.overload " + " ".join(argv or sys.argv[1:]), "model": args.model,
+    report = {**header("bench.overload", argv), "model": args.model,
               "response_timeout_s": TIMEOUT_S, "phases": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
         if args.model == "imagenet":
             ckpt, bodies = make_checkpoints(tmp)["imagenet"]["fp32"], imagenet_inputs()
         else:
             ckpt, bodies = DEMO / "mrl_resnet50_fp16.pt", demo_inputs()
-        stop(tmp, env)
-        try:
-            serve(tmp, ckpt, env, None, args.batch_size)
-            client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=2 * TIMEOUT_S)
+        settings = dict(batch_size=args.batch_size, timeout=TIMEOUT_S, workers=1)
+        with server(tmp, ckpt, {"mrl_resnet50": settings}, own_tmpdir=True) as srv:
+            client = srv.client(timeout=2 * TIMEOUT_S)
             run_load(client, bodies, concurrency=8, duration=5)  # warm
             t0 = time.perf_counter()
             sat = run_load(client, bodies, concurrency=8, duration=args.sat_s)
@@ -147,24 +129,19 @@ def main(argv: list[str] | None = None) -> dict:
             report.update(saturation_per_s=rate, queue_size=queue,
                           saturation_latency=percentiles([r.seconds for r in sat if r.status == 200]))
             print(f"saturation {rate:.1f}/s closed-loop (8 clients); job queue {queue}", flush=True)
-            stop(tmp, env)
-            serve(tmp, ckpt, env, queue, args.batch_size)
-            client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=2 * TIMEOUT_S)
+        # The same archive again, its job queue sized to the rate just measured.
+        with server(tmp, ckpt, {"mrl_resnet50": {**settings, "queue_size": queue}}, own_tmpdir=True) as srv:
+            client = srv.client(timeout=2 * TIMEOUT_S)
             run_load(client, bodies, concurrency=8, duration=5)  # warm the new worker
             for m in multiples:
-                before = worker_rss_mb(env)
+                before = worker_rss_mb(srv.env)
                 results, sent = open_loop(client, bodies, m * rate, args.phase_s)
-                row = {"multiple": m, **phase_report(results, sent, m * rate, args.phase_s, (before, worker_rss_mb(env)))}
+                row = {"multiple": m, **phase_report(results, sent, m * rate, args.phase_s,
+                                                     (before, worker_rss_mb(srv.env)))}
                 report["phases"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "refusal_bodies"}), flush=True)
                 time.sleep(5)  # let the queue drain between phases
-        finally:
-            stop(tmp, env)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-    return report
+    return save_report(report, args.out)
 
 
 if __name__ == "__main__":

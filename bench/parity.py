@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.run import DEMO, ROOT
+from bench.harness import DEMO, ROOT, header, save_report
 from calibration.methods import exits
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect
-from handler.cpus import machine
 from handler.numerics import bf16_supported
 from handler.thresholds import SETS_SCHEMA, load_thresholds, numerics_sets
 
@@ -88,8 +86,7 @@ def _against_fp32(args, fp32, other, mode: str, fields: dict) -> dict:
     load = lambda numerics: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731
                                             checkpoint_sha256=fp32.meta["checkpoint_sha256"], numerics=numerics)
     ops32, ops8 = load("fp32"), load("int8")
-    report = {"mode": mode, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.parity " + " ".join(sys.argv[1:]), "checkpoint": args.checkpoint,
+    report = {"mode": mode, **header("bench.parity", None), "checkpoint": args.checkpoint,
               "data": args.data, **fields, **parity(fp32, other, ops32.points, ops8.points, mode=mode)}
     full, default = str(fp32.nesting[-1]), ops8.default
     report["checks"] = {
@@ -135,10 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = args.out or str(ROOT / "docs" / "results" / f"{stem}_{Path(args.checkpoint).parent.name}.json")
         check = int8_parity if args.mode == "int8" else openvino_parity
         report = check(args, None if args.no_cache else DEFAULT_CACHE)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
-        print(markdown(report))
-        print(f"wrote {out}")
-        return report
+        return save_report(report, out, markdown(report))
     args.out = args.out or str(ROOT / "docs" / "results" / "parity.json")
     if not bf16_supported(torch.device("cpu")):
         raise SystemExit("this CPU has no bf16 support: nothing to compare")
@@ -150,9 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     sets = json.loads(Path(args.thresholds).read_text()).get("schema") == SETS_SCHEMA
     ops = load_thresholds(args.thresholds, nesting=fp32.nesting, checkpoint_sha256=fp32.meta["checkpoint_sha256"],
                           numerics="bf16" if sets else None)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.parity " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "checkpoint": args.checkpoint,
+    report = {**header("bench.parity", argv), "checkpoint": args.checkpoint,
               "data": args.data, "thresholds_numerics": ops.meta.get("numerics"), "graph": fp32.meta["graph"],
               "forward_cached": {"fp32": fp32.meta["cached"], "bf16": bf16.meta["cached"]},
               **parity(fp32, bf16, ops.points)}
@@ -160,10 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["checks"] = {
         "agreement_2048_at_least_0.995": report["agreement"][full] >= AGREEMENT_TARGET,
         "cascade_within_0.1pt": all(abs(c["top1_delta"]) <= CASCADE_TARGET for c in report["cascade"].values())}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
-    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
-    return report
+    return save_report(report, args.out, markdown(report) + f"\n\nboth runs: {time.perf_counter() - t0:.0f} s")
 
 
 def markdown(r: dict) -> str:

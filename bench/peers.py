@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.run import (
+from bench.harness import (
     BUNDLED,
     ROOT,
     calibration_folder,
-    cpu_busy,
     demo_inputs,
+    header,
     imagenet_inputs,
     int8_for,
     int8_set_runs_here,
@@ -45,7 +44,6 @@ from bench.run import (
     times_of,
 )
 from handler.checkpoint import load_mrl_resnet50
-from handler.cpus import machine
 from handler.engine import Engine, Serving, configure_threads
 from handler.numerics import resolve_numerics
 from handler.thresholds import numerics_sets
@@ -249,10 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "peers.json"))
     args = p.parse_args(argv)
     configure_threads()
-    report = {"machine": {**machine(), "busy_before": cpu_busy()},
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": {"batch_size": args.batch_size}}
+    report = {**header("bench.peers", argv, busy=True), "settings": {"batch_size": args.batch_size}}
     models = args.models.split(",")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

@@ -26,18 +26,15 @@ import os
 import re
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.harness import DEMO, ROOT, demo_inputs, header, imagenet_inputs, make_checkpoints, save_report, server
 from bench.overload import percentiles
-from bench.run import DEMO, ROOT, demo_inputs, imagenet_inputs, make_checkpoints, save_report
 from client.http import Client, run_load
-from handler.cpus import machine
-from model_store.build_archive import archive
-from model_store.serve import MANAGEMENT, SERVER_ENV, describe, read_keys, start, stop, write_config
+from model_store.serve import MANAGEMENT, describe
 
 START_LINE = re.compile(r"mrl worker start: process_age_s=([\d.]+) initialize_s=([\d.]+) "
                         r"graph_s=([\d.]+) warm_up_s=([\d.]+) graph_cached=(\w+)")
@@ -125,31 +122,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-graph-cache", action="store_true", help="every restarted worker traces its graph again")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "recovery.json"))
     args = p.parse_args(argv)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.recovery " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "clients": args.clients, "batch_size": args.batch_size, "runs": []}
+    report = {**header("bench.recovery", argv), "model": args.model, "clients": args.clients,
+              "batch_size": args.batch_size, "runs": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
         if args.model == "imagenet":
             ckpt, bodies, thresholds = make_checkpoints(tmp)["imagenet"]["fp32"], imagenet_inputs(), None
         else:  # the bundled demo model as `make serve` serves it
             ckpt, bodies, thresholds = DEMO / "mrl_resnet50_fp16.pt", demo_inputs(), DEMO / "thresholds.json"
         for workers in [int(w) for w in args.workers.split(",")]:
-            store = tmp / f"store-{workers}"
-            store.mkdir()
-            archive(ckpt, store, thresholds=thresholds, batch_size=args.batch_size, workers=workers,
-                    graph_cache=not args.no_graph_cache)
-            config = write_config(tmp / "config.properties", store)
-            stop(tmp, env)
-            t0 = time.monotonic()
-            start("mrl_resnet50", 300, root=tmp, config=config, model_store=store, env=env)
-            while sum(s == "READY" for s in worker_pids("mrl_resnet50", read_keys(tmp)["management"]).values()) < workers:
-                time.sleep(0.1)
-            cold_start = time.monotonic() - t0
-            try:
-                keys = read_keys(tmp)
-                client = Client("http://127.0.0.1:8080", keys["inference"], timeout=60)
+            settings = dict(thresholds=thresholds, batch_size=args.batch_size, workers=workers,
+                            graph_cache=not args.no_graph_cache)
+            with server(tmp, ckpt, {"mrl_resnet50": settings}, store=tmp / f"store-{workers}",
+                        own_tmpdir=True) as srv:
+                keys = srv.keys()
+                while sum(s == "READY" for s in worker_pids("mrl_resnet50", keys["management"]).values()) < workers:
+                    time.sleep(0.1)
+                cold_start = time.perf_counter() - srv.started
+                client = srv.client(timeout=60)
                 expected = [(b["label"], b["embedding_dim"]) for b in (client.predict(x).body for x in bodies)]
                 run_load(client, bodies, concurrency=args.clients, duration=5)  # warm
                 t = time.perf_counter()
@@ -174,8 +164,6 @@ def main(argv: list[str] | None = None) -> dict:
                                        "latency": percentiles([r.seconds for r in sat if r.status == 200]),
                                        "median": med, "kills": kills})
                 print(f"workers {workers}: {rate:.1f} img/s; medians {med}", flush=True)
-            finally:
-                stop(tmp, env)
     headline = {f"workers_{r['workers']}": {"img_per_s": round(r["throughput_per_s"], 1),
                                             **{k: round(v, 2) for k, v in r["median"].items()},
                                             "failed": [k["failed"] for k in r["kills"]]} for r in report["runs"]}

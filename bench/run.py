@@ -23,82 +23,40 @@ All traffic goes to 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from client.http import Client, run_load
-from handler.checkpoint import ModelCard, imagenet_classes, load_mrl_resnet50, official_card, save_checkpoint
-from handler.cpus import machine
+from bench.harness import (
+    BUNDLED,
+    MODES,
+    ROOT,
+    calibration_folder,
+    demo_inputs,
+    header,
+    imagenet_inputs,
+    int8_for,
+    int8_set_runs_here,
+    make_checkpoints,
+    median_time,
+    save_report,
+    serve_phase,
+    server,
+    times_of,
+    write_report,
+)
+from handler.checkpoint import load_mrl_resnet50
 from handler.engine import configure_threads
-from handler.model import mrl_resnet50
 from handler.numerics import choose_numerics, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints, numerics_sets
-from model_store.build_archive import BATCH_DELAY_MS, archive
-from model_store.serve import SERVER_ENV, read_keys, start, stop, write_config
+from model_store.build_archive import BATCH_DELAY_MS
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "model_store" / "fashion_mnist"
-# Bundled models: folder (checkpoint, thresholds) and the data spec their requests come from.
-BUNDLED = {name: (folder, spec) for name, folder, spec in (
-    ("demo", DEMO, "fashion-mnist:test"), ("han1000", ROOT / "model_store" / "han1000", "han1000:test"))
-    if (folder / "mrl_resnet50_fp16.pt").exists()}  # han1000 once its checkpoint is trained (git has none)
 GFLOP_224 = 8.18  # ResNet50 forward, one 224x224 image
-MODES = {
-    "baseline": dict(numerics="fp32", graph="eager", channels_last=False, jpeg_draft=False, server_env=False),
-    "fp32": dict(numerics="fp32", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
-    "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
-    # int8: the PT2E-quantized backbone as an AOTInductor package (handler/quantize.py), fp32 heads.
-    "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
-}  # and "auto": one of these per model (auto_mode), served from an archive that says auto
-
-
-def cpu_busy(seconds: float = 3.0) -> float:
-    """Share of all cores busy over ``seconds`` (from /proc/stat), taken before a run starts: a
-    quiet machine reads near 0; the report states it."""
-    def sample():
-        f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return sum(f), f[3] + f[4]  # total, idle + iowait
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return round(1 - (i1 - i0) / max(t1 - t0, 1), 3)
-
-
-def save_report(report: dict, out: str | Path, headline: dict) -> dict:
-    """Print a benchmark's headline figures, write its whole report as JSON to ``out``."""
-    print(json.dumps(headline, indent=2))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-    return report
-
-
-def times_of(fn, repeat: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def median_time(fn, repeat: int, warmup: int = 2) -> float:
-    return statistics.median(times_of(fn, repeat, warmup))
-
-
 PEAK_SIZES = (1024, 2048, 3072)
 
 
@@ -110,81 +68,6 @@ def peak_gflops(dtype: torch.dtype, sizes=PEAK_SIZES, repeat: int = 10) -> float
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         best = max(best, 2 * n ** 3 / min(times_of(lambda: a @ b, repeat)) / 1e9)
     return best
-
-
-def imagenet_inputs(count: int = 32) -> list[bytes]:
-    """Smooth random 224x224 photos-like images, JPEG quality 90."""
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        small = rng.integers(0, 255, (14, 14, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((224, 224), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def demo_inputs(count: int = 64, spec: str = "fashion-mnist:test") -> list[bytes]:
-    """The first ``count`` images of a data spec, as PNG request bodies."""
-    from imagedata.specs import dataset_info, load_spec
-    data = load_spec(spec, dataset_info(spec).classes, limit=count)
-    out = []
-    for i in range(count):
-        buf = io.BytesIO()
-        data[i][0].save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def make_checkpoints(tmp: Path) -> dict[str, dict[str, Path]]:
-    """Per model and numerics, a checkpoint whose card carries that numerics."""
-    torch.manual_seed(0)
-    official = mrl_resnet50(num_classes=1000, head="mrl", blurpool=True)
-    card = official_card(official.state_dict(), imagenet_classes())
-    models = [("imagenet", official, card, None)]
-    for name, (folder, _) in BUNDLED.items():
-        m, c = load_mrl_resnet50(folder / "mrl_resnet50_fp16.pt")
-        models.append((name, m, c, folder))
-    paths: dict[str, dict[str, Path]] = {name: {} for name, *_ in models}
-    for numerics in ("fp32", "bf16"):
-        for name, model, c, folder in models:
-            if folder is not None and numerics == c.numerics:
-                paths[name][numerics] = folder / "mrl_resnet50_fp16.pt"  # the shipped file: thresholds match it
-                continue
-            c2 = ModelCard.from_dict({**c.to_dict(), "numerics": numerics})
-            path = tmp / f"{name}-{numerics}.pt"
-            save_checkpoint(path, model, c2, dtype=torch.float32 if folder is None else torch.float16)
-            paths[name][numerics] = path
-    return paths
-
-
-def calibration_folder(tmp: Path, model: str, bodies: list[bytes]) -> str:
-    """The benchmark's own request images as a one-class folder: calibration for a model that has
-    no int8 thresholds set (the ImageNet-size one, random weights: only its speed is measured)."""
-    folder = tmp / f"calib-{model}" / "0"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, body in enumerate(bodies):
-        (folder / f"{i}.img").write_bytes(body)
-    return str(folder.parent)
-
-
-def int8_set_runs_here(thresholds: Path) -> bool:
-    """Whether the thresholds hold an int8 set this CPU can serve (8-bit activations need VNNI)."""
-    from handler import cpus
-
-    fit = numerics_sets(json.loads(thresholds.read_text())).get("int8", {}).get("meta", {}).get("int8_program")
-    return bool(fit) and (fit["reduce_range"] or cpus.cpu_has_vnni())
-
-
-def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None, batch_size: int = 8):
-    """The int8 program (with its package) a server of ``ckpt`` runs: the one its thresholds' int8
-    set was fit on, else one calibrated on ``calibration``."""
-    from calibration import int8
-    from handler import quantize
-
-    program = int8.for_thresholds(ckpt, thresholds) if thresholds is not None else None
-    return int8.compile_package(program or int8.build(ckpt, calibration), quantize.package_batches(batch_size))
 
 
 def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int, int8_program=None) -> dict:
@@ -205,45 +88,20 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
     return out
 
 
-def start_server(tmp: Path, ckpt: Path, mode: dict, thresholds: Path | None, batch_size: int,
-                 batch_delay: int, int8_data: str | None = None) -> float:
-    """Archive, start TorchServe with the mode's environment; seconds from --start to READY."""
-    store = tmp / "store"
-    store.mkdir(exist_ok=True)
-    int8 = mode["numerics"] == "int8"
-    served = mode.get("archive_numerics") or ("int8" if int8 else None)
-    archive(ckpt, store, graph=mode["graph"], batch_size=batch_size, batch_delay=batch_delay, workers=1,
-            channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds,
-            numerics=served, int8_data=int8_data if int8 and thresholds is None else None)
-    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
-    if mode["server_env"]:
-        env.update(SERVER_ENV)
-    config = write_config(tmp / "config.properties", store)
-    return start("mrl_resnet50", 180, root=tmp, config=config, model_store=store, env=env)
-
-
-def serve_phase(tmp: Path, bodies: list[bytes], concurrency: int, duration: float, headers=None,
-                model: str = "mrl_resnet50") -> dict:
-    client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], model, timeout=120)
-    t0 = time.perf_counter()
-    results = run_load(client, bodies, concurrency=concurrency, duration=duration, headers=headers)
-    wall = time.perf_counter() - t0
-    ok = [r.seconds for r in results if r.status == 200]
-    bad = len(results) - len(ok)
-    lat = np.array(ok) * 1000
-    return {"concurrency": concurrency, "requests": len(results), "errors": bad, "img_s": len(ok) / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
-
-
 def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, thresholds=None,
                 cascade_check: bool = False, int8_data: str | None = None) -> dict:
-    stop(tmp)
-    try:  # a server that never gets READY is stopped too
-        ready = start_server(tmp, ckpt, mode, thresholds, args.batch_size, args.batch_delay, int8_data)
+    """Archive ``ckpt`` in ``mode``, serve it with the mode's environment; its cold start, one
+    client, every concurrency and (``cascade_check``) fixed 2048 against the cascade."""
+    int8 = mode["numerics"] == "int8"
+    settings = dict(graph=mode["graph"], batch_size=args.batch_size, batch_delay=args.batch_delay, workers=1,
+                    channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds,
+                    numerics=mode.get("archive_numerics") or ("int8" if int8 else None),
+                    int8_data=int8_data if int8 and thresholds is None else None)
+    with server(tmp, ckpt, {"mrl_resnet50": settings}, timeout=180, server_env=mode["server_env"]) as srv:
         t0 = time.perf_counter()
-        client = Client("http://127.0.0.1:8080", read_keys(tmp)["inference"], timeout=120)
-        first = client.predict(bodies[0])
-        out = {"ready_s": ready, "first_answer_s": ready + time.perf_counter() - t0, "first_status": first.status}
+        first = srv.client().predict(bodies[0])
+        out = {"ready_s": srv.ready_s, "first_answer_s": srv.ready_s + time.perf_counter() - t0,
+               "first_status": first.status}
         out["one_client"] = serve_phase(tmp, bodies, 1, args.low_s)
         for c in args.concurrency:
             out[f"c{c}"] = serve_phase(tmp, bodies, c, args.sat_s)
@@ -257,8 +115,6 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
             for name, phases in runs.items():
                 out[name] = {"concurrency": c, "img_s": statistics.median(r["img_s"] for r in phases),
                              "runs": phases}
-    finally:
-        stop(tmp)
     return out
 
 
@@ -285,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeat = 5 if args.quick else 15
     args.cascade_pairs = 2 if args.quick else 4
     configure_threads()
-    report = {"machine": {**machine(), "busy_before": cpu_busy()}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
+    report = {**header("bench.run", argv, busy=True),
               # bf16 emulated (no AVX512-BF16/AMX) is no peak worth timing: minutes of slow matmuls
               "peak_gflops": {"fp32": peak_gflops(torch.float32),
                               "bf16": peak_gflops(torch.bfloat16) if resolve_numerics("bf16") == "bf16" else None},
@@ -333,18 +188,14 @@ def main(argv: list[str] | None = None) -> dict:
                                             cascade_check=thr is not None, int8_data=calib)
                 print(model, mode_name, "server", json.dumps(res["server"]), flush=True)
                 report["results"][f"{model}/{mode_name}"] = res
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # kept if a later mode fails
+                write_report(report, args.out)  # kept if a later mode fails
         if not args.no_peers:
             from bench import peers
 
             report["peers"] = peers.run(args.models.split(","), ckpts, inputs, tmp, args.batch_size, args.quick)
             if "skipped" in report["peers"]:
                 report.setdefault("skipped", []).append("peers: " + report["peers"]["skipped"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # the final one, skips included
-    print(f"wrote {args.out}")
-    return report
+    return save_report(report, args.out)  # the final one, skips included
 
 
 if __name__ == "__main__":

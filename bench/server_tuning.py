@@ -17,29 +17,27 @@ import argparse
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from bench.run import (
+from bench.harness import (
     BUNDLED,
     MODES,
     ROOT,
     calibration_folder,
-    cpu_busy,
     demo_inputs,
+    header,
     imagenet_inputs,
     int8_for,
     make_checkpoints,
     save_report,
     serve_phase,
+    server,
 )
-from handler.cpus import machine
 from handler.engine import configure_threads
 from model_store.build_archive import archive
-from model_store.serve import SERVER_ENV, start, stop, write_config
 
 VARIANTS = {
     "config": {},
@@ -122,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     configure_threads()
     mode = MODES[args.numerics]
-    report = {"machine": {**machine(), "busy_before": cpu_busy()},
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.server_tuning " + " ".join(argv or sys.argv[1:]),
+    report = {**header("bench.server_tuning", argv, busy=True),
               "model": args.model, "numerics": args.numerics, "variants": {n: VARIANTS[n] for n in names},
               "rounds": []}
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -149,12 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         for rnd in range(args.rounds):
             for n in (names if rnd % 2 == 0 else names[::-1]):  # ABBA: a drift lands on both sides
                 v = VARIANTS[n]
-                env = {**os.environ, **SERVER_ENV, **v.get("env", {})}
-                config = write_config(tmp / "config.properties", stores[n], overrides=v.get("overrides"))
-                stop(tmp)
-                try:
-                    start("mrl_resnet50", 300, root=tmp, config=config, model_store=stores[n], env=env,
-                          **v.get("start", {}))
+                with server(tmp, store=stores[n], env=v.get("env"), overrides=v.get("overrides"),
+                            **v.get("start", {})):
                     serve_phase(tmp, bodies, 4, 4)  # the first requests
                     for i in range(args.phases):
                         for c in levels:
@@ -164,8 +156,6 @@ def main(argv: list[str] | None = None) -> dict:
                                   f"worker busy {r['worker_busy']:.0%}, "
                                   f"batch {r['batch_mean']:.1f}, ms/batch {r['ms_per_batch']}, cpu {r['cpu_share']}",
                                   flush=True)
-                finally:
-                    stop(tmp)
     summary = {}
     for c in levels:
         for n in names:

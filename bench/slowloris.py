@@ -18,22 +18,19 @@ http-request 10s`` cuts a head that takes longer. Bounded in time and count, loo
 from __future__ import annotations
 
 import argparse
-import os
 import selectors
 import socket
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from bench.harness import DEMO, ROOT, demo_inputs, header, save_report, server
 from bench.overload import percentiles
-from bench.run import DEMO, ROOT, demo_inputs, save_report
 from client.http import Client, run_load
-from handler.cpus import machine
 from model_store import cluster as cl
 from model_store.build_archive import archive
-from model_store.serve import SERVER_ENV, processes, read_keys, start, stop, write_config
+from model_store.serve import processes
 
 HEAD = b"POST /predictions/mrl_resnet50 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 KEY = "slowloris-" + "k" * 24
@@ -156,9 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not 1 <= args.connections <= 5000:
         p.error("--connections must be in 1..5000")
     bodies = demo_inputs(200)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.slowloris " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "byte_every_s": args.byte_every_s, "clients": args.clients, "phase_s": args.phase_s, "targets": []}
+    report = {**header("bench.slowloris", argv), "byte_every_s": args.byte_every_s, "clients": args.clients,
+              "phase_s": args.phase_s, "targets": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         store = tmp / "store"
@@ -166,21 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
         archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")
         for target in args.targets.split(","):
             if target == "direct":
-                env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
-                ports = {"inference": args.port, "management": args.port + 1, "metrics": args.port + 2}
                 # Its own gRPC and worker ports (worker sockets are named by port, machine-wide),
                 # so that it runs beside another TorchServe.
-                config = write_config(tmp / "config.properties", store, ports, overrides={
-                    "grpc_inference_port": str(args.port + 3), "grpc_management_port": str(args.port + 4),
-                    "initial_worker_port": str(args.port + 300)})
-                stop(tmp, env)
-                try:
-                    start("mrl_resnet50", 240, root=tmp, config=config, model_store=store, env=env,
-                          management=f"http://127.0.0.1:{args.port + 1}")
-                    client = Client(f"http://127.0.0.1:{args.port}", read_keys(tmp)["inference"], timeout=60)
-                    report["targets"].append(measure("direct", client, args.port, env, bodies, args))
-                finally:
-                    stop(tmp, env)
+                overrides = {"grpc_inference_port": str(args.port + 3), "grpc_management_port": str(args.port + 4),
+                             "initial_worker_port": str(args.port + 300)}
+                with server(tmp, store=store, timeout=240, own_tmpdir=True, port=args.port,
+                            overrides=overrides) as srv:
+                    report["targets"].append(measure("direct", srv.client(timeout=60), args.port, srv.env, bodies,
+                                                     args))
             elif target == "gateway":
                 keys = tmp / "api_keys"
                 keys.write_text(KEY + "\n")

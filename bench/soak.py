@@ -18,8 +18,6 @@ works: the report shows each renewal. Traffic goes to 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import statistics
 import sys
@@ -30,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEMO, ROOT, demo_inputs
+from bench.harness import DEMO, ROOT, demo_inputs, header, save_report, server
 from client.http import Client
-from handler.cpus import machine
-from model_store.build_archive import archive
-from model_store.serve import SERVER_ENV, processes, read_keys, renew_key, start, stop, write_config
+from model_store.serve import processes, read_keys, renew_key
 
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
 
@@ -80,32 +76,20 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--clients must be in 1..64")
     bodies = demo_inputs()
     kinds = request_kinds(bodies)
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:]), "clients": args.clients,
+    report = {**header("bench.soak", argv), "clients": args.clients,
               "minutes": args.minutes, "sample_s": args.sample_s, "samples": [], "renewals": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        env = {**os.environ, **SERVER_ENV, "TMPDIR": str(tmp), "TEMP": str(tmp)}
-        store = tmp / "store"
-        store.mkdir()
-        archive(DEMO / "mrl_resnet50_fp16.pt", store, thresholds=DEMO / "thresholds.json")
-        ports = {"inference": args.port, "management": args.port + 1, "metrics": args.port + 2}
-        config = write_config(tmp / "config.properties", store, ports)
-        stop(tmp, env)
-        # kill (SIGTERM) ends a long soak like Ctrl-C: the finally below stops its TorchServe
+        # kill (SIGTERM) ends a long soak like Ctrl-C: the server's context stops its TorchServe
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        try:
-            start("mrl_resnet50", 240, root=tmp, config=config, model_store=store, env=env,
-                  management=args.management)
-            report.update(run(tmp, env, kinds, args, report))
-        finally:
-            stop(tmp, env)
+        settings = dict(thresholds=DEMO / "thresholds.json")
+        with server(tmp, DEMO / "mrl_resnet50_fp16.pt", {"mrl_resnet50": settings}, timeout=240, own_tmpdir=True,
+                    port=args.port) as srv:
+            report.update(run(tmp, srv.env, kinds, args, report))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(report, out, report["summary"])
     plot(report, out.with_suffix(".png"))
-    print(json.dumps(report["summary"], indent=2))
-    print(f"wrote {out} and {out.with_suffix('.png').name}")
+    print(f"wrote {out.with_suffix('.png')}")
     return report
 
 

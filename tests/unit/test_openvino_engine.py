@@ -69,7 +69,7 @@ def test_without_the_openvino_package_auto_falls_back_and_a_request_for_it_is_re
 def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from bench.run import demo_inputs
+    from bench.harness import demo_inputs
     from handler.checkpoint import load_mrl_resnet50
     from handler.service import MRLService
     from handler.thresholds import OperatingPoints
