@@ -9,6 +9,8 @@ THRESHOLDS ?= $(if $(filter $(CHECKPOINT),$(DEMO_CKPT)),$(DEMO_THRESHOLDS),)
 GRAPH ?= jit
 # What the workers serve: card (the card's numerics), fp32, bf16, int8 or auto (docs/performance.md).
 NUMERICS ?= card
+# What runs int8: torch, openvino or auto (OpenVINO where its thresholds set passed parity and ran faster here).
+RUNTIME ?= torch
 # make serve REPLICAS=3: that many TorchServe instances behind an HAProxy gateway with API keys.
 REPLICAS ?= 1
 # glibc malloc: keep freed activations mapped instead of returning them to the OS between batches
@@ -26,6 +28,7 @@ help:
 	@echo "make env       the set-up step and .venv with the project installed (every target below runs it)"
 	@echo "make serve     build both bundled archives, start TorchServe, print a ready curl per model"
 	@echo "make serve NUMERICS=auto   the fastest numerics this CPU runs that passed parity (int8 where it did)"
+	@echo "make serve NUMERICS=auto RUNTIME=auto   int8 on OpenVINO where its set passed parity and ran faster here"
 	@echo "make serve REPLICAS=3   that many TorchServe instances behind HAProxy (API keys at the gateway)"
 	@echo "make serve CHECKPOINT=path THRESHOLDS=path   serve your own checkpoint (docs/models.md)"
 	@echo "make stop      stop TorchServe (every replica and the gateway too)"
@@ -56,7 +59,7 @@ env: setup $(VENV)/.installed
 
 archive: env
 	$(PY) model_store/build_archive.py --checkpoint $(CHECKPOINT) \
-		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH) --numerics $(NUMERICS)
+		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) --graph $(GRAPH) --numerics $(NUMERICS) --runtime $(RUNTIME)
 
 # The second bundled model: 1000 printed Han characters (model_store/han1000, docs/models.md). Git carries
 # its fp16 checkpoint; a tree without it (a retraining in progress) serves the demo model alone.
@@ -64,7 +67,7 @@ HAN1000 := model_store/han1000
 archive-han1000: env
 	@if [ -f $(HAN1000)/mrl_resnet50_fp16.pt ]; then \
 		$(PY) model_store/build_archive.py --checkpoint $(HAN1000)/mrl_resnet50_fp16.pt \
-			--thresholds $(HAN1000)/thresholds.json --name han1000 --graph $(GRAPH) --numerics $(NUMERICS); \
+			--thresholds $(HAN1000)/thresholds.json --name han1000 --graph $(GRAPH) --numerics $(NUMERICS) --runtime $(RUNTIME); \
 	else \
 		rm -f model_store/han1000.mar; \
 		echo "han1000: no $(HAN1000)/mrl_resnet50_fp16.pt, so only the demo model is served;"; \

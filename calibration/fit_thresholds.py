@@ -36,6 +36,7 @@ import numpy as np
 
 from calibration.methods import Point, Thresholds, exits, fit_frontier, fit_greedy, fit_guaranteed, score
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect, is_capture
+from handler.numerics import OPENVINO_SET
 from handler.thresholds import SCHEMA, add_set
 
 DEFAULT_POINT = {"greedy": "greedy", "frontier": "balanced", "guaranteed": "guaranteed"}
@@ -255,6 +256,21 @@ def write_report(path: Path, out: Outputs, scored: dict, frontier: list[Point], 
     path.write_text("\n".join(lines) + "\n")
 
 
+def openvino_programs(args: argparse.Namespace):
+    """(OpenVINO's int8 program, our int8 program with its AOTInductor package) for an
+    ``openvino-int8`` set: both calibrated on the int8 set's record in --out where there is one
+    (the images our int8 was calibrated on), else on --int8-data or --data."""
+    from calibration import int8, openvino
+    from handler.quantize import package_batches
+
+    dest = Path(args.out)
+    ours = int8.for_thresholds(args.checkpoint, dest) if dest.exists() else None
+    if ours is None:
+        ours = int8.build(args.checkpoint, args.int8_data or args.data)
+    program = openvino.build_openvino(args.checkpoint, ours.meta["data"], images=ours.meta["images"])
+    return program, int8.compile_package(ours, package_batches(8))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -273,9 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--graph", default="jit", choices=("eager", "jit", "compile"))
     p.add_argument("--since-hours", type=float, default=None,
                    help="capture data: only the records of the last N hours")
-    p.add_argument("--numerics", choices=("fp32", "bf16", "int8"),
+    p.add_argument("--numerics", choices=("fp32", "bf16", "int8", OPENVINO_SET),
                    help="fit in this mode (default: what this CPU serves the card's in); bf16 is emulated if "
-                        "the CPU lacks it; int8 quantizes the backbone (calibration/int8.py) and records parity")
+                        "the CPU lacks it; int8 quantizes the backbone (calibration/int8.py) and records parity; "
+                        f"{OPENVINO_SET}: OpenVINO's int8 program (calibration/openvino.py), calibrated on the "
+                        "int8 set's record in --out, with parity and its speed against our int8 on this CPU")
     p.add_argument("--int8-data", help="int8: the images that calibrate the quantizer (default: --data)")
     p.add_argument("--add", action="store_true",
                    help="add this numerics mode's set to the --out file (replacing a set of the same mode)")
@@ -291,13 +309,16 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--since-hours applies to capture:DIR data only")
     since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
 
-    program = None
+    program, ours = None, None
     if args.numerics == "int8":
         from calibration import int8
 
         program = int8.build(args.checkpoint, args.int8_data or args.data)
+    elif args.numerics == OPENVINO_SET:
+        program, ours = openvino_programs(args)
+    numerics = "int8" if args.numerics == OPENVINO_SET else args.numerics  # what the Engine runs
     out = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, since=since,
-                  numerics=args.numerics, emulate=bool(args.numerics), int8_program=program)
+                  numerics=numerics, emulate=bool(args.numerics), int8_program=program)
     if out.meta.get("emulated"):
         print(f"note: this CPU has no {out.meta['numerics']} instructions: {out.meta['numerics']} is emulated "
               "(same rounding, slower)", file=sys.stderr)
@@ -307,14 +328,23 @@ def main(argv: list[str] | None = None) -> dict:
     doc = thresholds_doc(out, scored, frontier, args)
     if "int8_program" in out.meta:  # the quantized backbone these outputs came from (int8)
         doc["meta"]["int8_program"] = out.meta["int8_program"]
+    if args.numerics == OPENVINO_SET:  # a set of its own, beside our int8's
+        doc["meta"]["numerics"] = OPENVINO_SET
+        doc["meta"]["int8_program"]["runtime"] = "openvino"
     if program is not None:
         fp32 = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, numerics="fp32")
         doc["meta"]["parity"] = parity_with_fp32(out, fp32, scored, args)
-        print(f"int8 parity on {args.data}: {json.dumps(doc['meta']['parity'])}", file=sys.stderr)
+        print(f"{doc['meta']['numerics']} parity on {args.data}: {json.dumps(doc['meta']['parity'])}", file=sys.stderr)
+    if ours is not None:  # what auto reads: measured here, each engine in its own process
+        from calibration import openvino
+
+        doc["meta"]["speed"] = openvino.speed_against_torch(args.checkpoint, ours, program)
+        print(f"{OPENVINO_SET} speed: {json.dumps({k: v['per_batch'] for k, v in doc['meta']['speed'].items()})} "
+              "(OpenVINO over our int8, per batch size)", file=sys.stderr)
     evals = {}
     if args.eval_data:
         ev = collect(args.checkpoint, args.eval_data, graph=args.graph, cache_dir=cache,
-                     numerics=args.numerics, emulate=bool(args.numerics), int8_program=program)
+                     numerics=numerics, emulate=bool(args.numerics), int8_program=program)
         evals = {"top1": ev.top1(), "points": {n: score(ev, t).__dict__ for n, (t, *_r) in scored.items()}}
         on_eval = [score(ev, list(p.thresholds)) for p in frontier]
         evals["frontier"] = [[round(q.expected_dims, 4), round(q.top1, 6)] for q in on_eval]
@@ -324,10 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
     dest.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(dest.read_text()) if args.add and dest.exists() else None
     dest.write_text(json.dumps(add_set(existing, doc), indent=2) + "\n")
-    report = dest.with_name(f"{dest.stem}_report" + (f"_{out.meta['numerics']}" if args.add else "") + ".md")
+    report = dest.with_name(f"{dest.stem}_report" + (f"_{doc['meta']['numerics']}" if args.add else "") + ".md")
     write_report(report, out, scored, frontier, evals, args, fit_seconds)
     d = scored[doc["default"]][3]
-    print(f"wrote {dest} ({out.meta['numerics']} set; default {doc['default']}: holdout top-1 {d.top1:.4f} at "
+    print(f"wrote {dest} ({doc['meta']['numerics']} set; default {doc['default']}: holdout top-1 {d.top1:.4f} at "
           f"{d.expected_dims:.1f} dims; fit {fit_seconds:.2f} s) and {report.stem}.md/.png")
     return doc
 

@@ -37,14 +37,11 @@ from torch import nn
 
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.cpus import cpu_has_vnni
-from handler.engine import Serving, configure_threads
-from handler.numerics import openvino_versions
+from handler.engine import configure_threads
 from handler.preprocess import Normalizer, crop_image
 from handler.quantize import (
-    OpenVINOProgram,
     Program,
     import_torchao,
-    ir_fingerprint,
     package_batches,
     package_files,
     package_key,
@@ -266,46 +263,6 @@ def compile_package(program: Program, batches: Iterable[int] = package_batches(8
         path.with_suffix(".json").write_text(json.dumps({**key, "build_s": round(time.perf_counter() - t0, 1)}) + "\n")
         log.info("int8 package %s (batches %s) compiled in %.1f s", path, key["batches"], time.perf_counter() - t0)
     return Program(program.path, program.meta, path)
-
-
-def build_openvino(checkpoint: str | Path, spec: str, *, images: int = CALIBRATION_IMAGES,
-                   cache: Path = CACHE) -> OpenVINOProgram:
-    """The OpenVINO int8 program for ``checkpoint``, calibrated by NNCF on the batches our own int8
-    program calibrates on (``calibration_batches``: the thresholds' int8 record's ``spec`` and
-    ``images``), from the cache or built now. Raises ValueError where OpenVINO is not installed."""
-    versions = openvino_versions()
-    if versions is None:
-        raise ValueError("the OpenVINO engine needs openvino and nncf: pip install -e .[peers]")
-    sha = file_sha256(checkpoint)
-    key = hashlib.sha256(json.dumps([sha, spec, images, "openvino-nncf", versions, str(torch.__version__)],
-                                    sort_keys=True).encode()).hexdigest()[:20]
-    xml = Path(cache) / f"openvino-{key}.xml"
-    if xml.exists() and xml.with_suffix(".json").exists():
-        return OpenVINOProgram(xml, json.loads(xml.with_suffix(".json").read_text()))
-    import nncf
-    import openvino as ov
-
-    logging.getLogger("nncf").setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    model, card = load_mrl_resnet50(checkpoint, numerics="fp32")
-    size = card.preprocessing.crop
-    batches = [x.contiguous().numpy() for x in calibration_batches(card, spec, images)]
-    converted = ov.convert_model(Serving(model.float().eval()), example_input=torch.zeros(1, 3, size, size))
-    heads = nncf.IgnoredScope(patterns=[r".*model\.fc\..*"], validate=False)  # fp32 heads, as ours
-    quantized = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches), ignored_scope=heads)
-    xml.parent.mkdir(parents=True, exist_ok=True)
-    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.xml")
-    ov.save_model(quantized, str(tmp), compress_to_fp16=False)
-    os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-    os.replace(tmp, xml)
-    # The keys of RECORD too, so that calibration/outputs.py's collect() runs it as it runs ours.
-    meta = {"runtime": "openvino", "checkpoint_sha256": sha, "data": spec, "images": images,
-            "reduce_range": False, "activation_qparams": None, "key": key, "fingerprint": ir_fingerprint(xml),
-            "input_size": size, "build_s": round(time.perf_counter() - t0, 1), **versions,
-            "torch": str(torch.__version__)}
-    xml.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("OpenVINO int8 program %s built in %.1f s", xml, meta["build_s"])
-    return OpenVINOProgram(xml, meta)
 
 
 def record_scales(checkpoint: str | Path, thresholds: str | Path) -> dict:

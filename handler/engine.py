@@ -174,7 +174,7 @@ class Engine:
 
     def _openvino_module(self, program, batch_sizes: Sequence[int], input_size: int) -> _OpenVINOServing:
         if numerics_mod.openvino_versions() is None:
-            raise ValueError("this int8 program runs on OpenVINO, which is not installed: pip install -e .[peers]")
+            raise ValueError("this int8 program runs on OpenVINO, which is not installed: pip install openvino (setup/runtime.txt)")
         if program.meta.get("input_size", input_size) != input_size:
             raise ValueError(f"the OpenVINO program {program.path} takes {program.meta['input_size']}px "
                              f"inputs, this model {input_size}px")

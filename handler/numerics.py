@@ -127,7 +127,7 @@ def choose_runtime(requested: str, numerics: str, sets: dict[str, dict] | None, 
                    isa: dict[str, bool] | None = None, openvino: bool | None = None) -> tuple[str, str]:
     """(what runs the int8 model: 'torch' or 'openvino', why). 'torch' is the default. 'openvino'
     asked for: a ValueError where it cannot serve (numerics not int8, the package or the program
-    missing, no thresholds set of its own). 'auto': OpenVINO only where all of that holds and its
+    missing, thresholds without a set of its own). 'auto': OpenVINO only where all of that holds and its
     set (``OPENVINO_SET``) passed parity with fp32 and records OpenVINO measured faster than our
     int8 on this CPU class (``meta.speed[isa].openvino_over_torch`` above 1, bench/peers.py); else
     torch, with the reason. ``openvino``: whether the package imports (None: try it)."""
@@ -140,13 +140,15 @@ def choose_runtime(requested: str, numerics: str, sets: dict[str, dict] | None, 
     isa = cpu_isa() if isa is None else isa
     meta = (sets or {}).get(OPENVINO_SET, {}).get("meta", {})
     missing = ("openvino: serves int8 only" if numerics != "int8" else
-               "openvino: not installed (pip install -e .[peers])" if not openvino else
+               "openvino: not installed (pip install openvino, setup/runtime.txt)" if not openvino else
                "openvino: no OpenVINO program in the archive" if not has_program else
-               f"openvino: no thresholds set '{OPENVINO_SET}'" if sets is None or OPENVINO_SET not in sets else None)
-    if requested == "openvino":
+               f"openvino: no thresholds set '{OPENVINO_SET}'" if sets is not None and OPENVINO_SET not in sets else None)
+    if requested == "openvino":  # without thresholds at all it serves the fixed 2048-d point, as int8 does
         if missing:
             raise ValueError(f"runtime 'openvino' asked for, but {missing.split(': ', 1)[1]}")
         return "openvino", "asked for"
+    if sets is None:
+        missing = missing or f"openvino: no thresholds set '{OPENVINO_SET}'"
     speed = meta.get("speed", {}).get(isa_name(isa), {}).get("openvino_over_torch")
     reason = missing or (
         "openvino: its thresholds set did not pass parity with fp32" if not meta.get("parity", {}).get("passed") else
@@ -164,10 +166,10 @@ def threshold_numerics(numerics: str, device: torch.device | str = "cpu") -> tup
 
 
 def openvino_versions() -> dict | None:
-    """OpenVINO's and NNCF's versions, or None where either is not installed (the ``peers`` extra)."""
+    """OpenVINO's version, or None where it is not installed (setup/runtime.txt pins it; a worker
+    needs only the runtime, calibration/openvino.py's build also needs NNCF)."""
     try:
-        import nncf
         import openvino
     except ImportError:
         return None
-    return {"openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__}
+    return {"openvino": openvino.__version__.split("-")[0]}

@@ -24,7 +24,7 @@ from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
 from handler.engine import Engine
 from handler.errors import InputError
 from handler.metrics import MetricsSink, NullSink
-from handler.numerics import bf16_supported, choose_numerics, resolve_numerics
+from handler.numerics import OPENVINO_SET, bf16_supported, choose_numerics, choose_runtime, resolve_numerics
 from handler.oip import V2Request, parse_v2, v2_body, v2_error, v2_response
 from handler.preprocess import (
     MAX_PIXELS,
@@ -35,6 +35,7 @@ from handler.preprocess import (
     decoded_bytes,
     release_freed_memory,
 )
+from handler.quantize import open_openvino, open_program
 from handler.requests import Options, parse_item
 from handler.thresholds import OperatingPoints, numerics_sets, parse_thresholds
 
@@ -95,7 +96,7 @@ class MRLService:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, gallery_dir: str | Path | None = None, graph_cache: bool = True,
-                 numerics: str = "card", **kwargs) -> MRLService:
+                 numerics: str = "card", runtime: str = "torch", **kwargs) -> MRLService:
         """Load ``checkpoint.pt`` and, if present, ``thresholds.json`` from a model folder, and the
         gallery in ``gallery_dir`` (refused if it was built from another checkpoint).
 
@@ -104,32 +105,39 @@ class MRLService:
 
         ``numerics``: 'card', a mode, or 'auto' (``handler.numerics.choose_numerics``); int8 runs the
         quantized backbone ``int8.pt2`` of the folder (handler/quantize.py) and needs a thresholds
-        set fit on exactly that program."""
+        set fit on exactly that program. ``runtime``: what runs int8 (``choose_runtime``): 'torch',
+        'openvino' (the folder's ``openvino.xml``, with the thresholds set fit on its outputs) or
+        'auto' (OpenVINO where its set passed parity and records it faster on this CPU class)."""
         model_dir = Path(model_dir)
         ckpt = model_dir / "checkpoint.pt"
         model, card = load_mrl_resnet50(ckpt)
         sha = file_sha256(ckpt)
         thresholds = model_dir / "thresholds.json"
         doc = json.loads(thresholds.read_text()) if thresholds.exists() else None
-        program_file = model_dir / "int8.pt2"
+        sets = numerics_sets(doc) if doc else None
+        program_file, ir_file = model_dir / "int8.pt2", model_dir / "openvino.xml"
         device = kwargs.get("device", "cpu")
-        mode, why = choose_numerics(numerics, card.numerics, numerics_sets(doc) if doc else None,
-                                    program_file.exists(), device)
+        mode, why = choose_numerics(numerics, card.numerics, sets, program_file.exists(), device)
         log.info("numerics %s, requested %s: %s", mode, numerics, why)
-        program = None
+        program, accepted = None, (mode,) if mode == "int8" else tuple(dict.fromkeys((card.numerics, mode)))
         if mode == "int8":
-            from handler.quantize import open_program
-
-            program = open_program(program_file, model_dir / "int8_aoti.pt2")
+            engine, why = choose_runtime(runtime, mode, sets, ir_file.exists())
+            log.info("int8 runtime %s, requested %s: %s", engine, runtime, why)
+            if engine == "openvino":
+                program, accepted = open_openvino(ir_file), (OPENVINO_SET,)
+            else:
+                program = open_program(program_file, model_dir / "int8_aoti.pt2")
+        elif runtime == "openvino":
+            raise ValueError(f"runtime 'openvino' runs int8 only, and this worker serves {mode} ({why})")
         if doc is not None:
-            # A set fit in the mode that serves; a bf16 card served in fp32 on a CPU without bf16
-            # may also use a one-set file fit in bf16 (the files from before sets per mode).
-            accepted = (mode,) if mode == "int8" else tuple(dict.fromkeys((card.numerics, mode)))
+            # A set fit in the mode (and runtime) that serves; a bf16 card served in fp32 on a CPU
+            # without bf16 may also use a one-set file fit in bf16 (the files from before sets per mode).
             points = parse_thresholds(doc, nesting=card.nesting, checkpoint_sha256=sha, numerics=accepted)
             fit_on = points.meta.get("int8_program", {}).get("fingerprint")
             if program is not None and fit_on != program.fingerprint:
-                raise ValueError(f"the int8 thresholds were fit on quantized backbone {fit_on} but "
-                                 f"{program_file} is {program.fingerprint}; refit with --numerics int8")
+                what = "OpenVINO program" if accepted == (OPENVINO_SET,) else "quantized backbone"
+                raise ValueError(f"the {accepted[0]} thresholds were fit on {what} {fit_on} but "
+                                 f"{program.path.name} is {program.fingerprint}; refit with --numerics {accepted[0]}")
         else:
             points = OperatingPoints.fixed(card.nesting)
         gallery = None

@@ -27,6 +27,7 @@ class WorkerSettings:
 
     graph: str = "eager"             # eager | jit | compile (handler/engine.py)
     numerics: str = "card"           # card | fp32 | bf16 | int8 | auto (handler/numerics.py)
+    runtime: str = "torch"           # what runs int8: torch | openvino | auto (handler/numerics.py)
     threads: int = 0                 # intra-op threads; 0: the cores this worker may use / workers
     channels_last: bool = True
     jpeg_draft: bool = True
@@ -61,7 +62,7 @@ class WorkerSettings:
             threads = max(1, cpu_budget() // workers)
         exact = values.get("exact_max_items")
         return cls(graph=str(values.get("graph", cls.graph)), numerics=str(values.get("numerics", cls.numerics)),
-                   threads=threads, **{k: values[k] for k in _BOOLS if k in values},
+                   runtime=str(values.get("runtime", cls.runtime)), threads=threads, **{k: values[k] for k in _BOOLS if k in values},
                    gallery_dir=str(values["gallery_dir"]) if values.get("gallery_dir") else None,
                    exact_max_items=None if exact is None else _non_negative_int("exact_max_items", exact),
                    capture=CaptureConfig.from_settings(block))

@@ -24,6 +24,8 @@ _ARCHIVE = Path(__file__).resolve().parent
 if (_ARCHIVE / "handler" / "__init__.py").is_file() and sys.path[:1] != [str(_ARCHIVE)]:
     sys.path.insert(0, str(_ARCHIVE))
 
+import torch  # noqa: E402
+
 import handler  # noqa: E402  (after the path fix above)
 from handler.engine import configure_threads  # noqa: E402
 from handler.metrics import SPECS  # noqa: E402
@@ -63,7 +65,12 @@ class MRLHandler:
             jpeg_draft=settings.jpeg_draft, onednn_fusion=settings.onednn_fusion, sink=TorchServeSink(context.metrics),
             capture=settings.capture, gallery_dir=settings.gallery_dir,
             **({"exact_max_items": settings.exact_max_items} if settings.exact_max_items is not None else {}),
-            graph_cache=settings.graph_cache, numerics=settings.numerics)
+            graph_cache=settings.graph_cache, numerics=settings.numerics, runtime=settings.runtime)
+        if self.service.engine.graph == "openvino":
+            # OpenVINO runs the whole model on its own threads (``threads`` of them); torch is left
+            # with preprocessing. Its OpenMP team would spin after each op (GOMP_SPINCOUNT, SERVER_ENV)
+            # on the cores OpenVINO needs, so it gets one thread and no team (docs/benchmarks.md).
+            torch.set_num_threads(1)
         t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s code=%s", context.model_name, device, threads,

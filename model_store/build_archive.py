@@ -21,7 +21,7 @@ from handler import oip, quantize
 from handler.capture import CaptureConfig
 from handler.checkpoint import file_sha256, load_mrl_resnet50
 from handler.gallery import read_meta
-from handler.numerics import threshold_numerics
+from handler.numerics import OPENVINO_SET, RUNTIMES, threshold_numerics
 from handler.service import EXACT_MAX_ITEMS
 from handler.thresholds import load_thresholds, numerics_sets
 
@@ -49,6 +49,7 @@ responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a s
   onednn_fusion: {onednn_fusion}   # jit on CPU: oneDNN Graph fuses conv/add/relu partitions
   graph_cache: {graph_cache}     # jit: a restarted worker loads the frozen graph instead of tracing
   numerics: {numerics}          # card | fp32 | bf16 | int8 | auto (the fastest this CPU runs that has a thresholds set)
+  runtime: {runtime}          # what runs int8: torch | openvino | auto (OpenVINO where its set passed parity and ran faster)
 """
 GALLERY_CONFIG = """\
   gallery_dir: {gallery_dir}   # neighbors requests search this gallery (retrieval/build_index.py)
@@ -65,6 +66,8 @@ def build(args: argparse.Namespace) -> Path:
     if args.batch_delay < 1:  # TorchServe 0.12 takes 0 for "unset" and waits 100 ms (ModelManager)
         raise ValueError(f"--batch-delay must be at least 1 ms, got {args.batch_delay}: "
                          "TorchServe reads 0 as unset and waits 100 ms")
+    if args.runtime != "torch" and args.numerics not in ("int8", "auto"):
+        raise ValueError(f"--runtime {args.runtime} chooses what runs int8: add --numerics int8 or auto")
     if args.exact_max_items < 0:
         raise ValueError(f"--exact-max-items must be at least 0, got {args.exact_max_items}")
     if args.queue_size is not None and args.queue_size < 1:
@@ -91,6 +94,7 @@ def build(args: argparse.Namespace) -> Path:
     program = int8_program(args, ckpt)
     if program is not None and args.int8_package:
         program = int8.compile_package(program, quantize.package_batches(args.batch_size))
+    ir = openvino_program(args, ckpt) if program is not None else None
     out = Path(args.export_path).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +133,9 @@ def build(args: argparse.Namespace) -> Path:
                 for src, dst in zip(quantize.package_files(program.package, batches).values(),
                                     quantize.package_files(payload / "int8_aoti.pt2", batches).values()):
                     shutil.copy(src, dst)
+        if ir is not None:  # OpenVINO's int8 program, for runtime openvino or auto
+            for suffix in (".xml", ".bin", ".json"):
+                shutil.copy(ir.path.with_suffix(suffix), (payload / "openvino").with_suffix(suffix))
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", args.name, "--version", args.version,
                "--serialized-file", str(stage / "checkpoint.pt"),
                "--handler", str(ROOT / "handler" / "ts_handler.py"),
@@ -138,6 +145,7 @@ def build(args: argparse.Namespace) -> Path:
     mar = out / f"{args.name}.mar"
     print(f"built {mar} ({mar.stat().st_size / 2**20:.1f} MiB): {card.name}, {len(card.classes)} classes, "
           f"card {card.numerics}, numerics={args.numerics}{' (int8 backbone included' + (', compiled' if program.package else '') + ')' if program else ''}, "
+          f"runtime={args.runtime}{' (OpenVINO program included)' if ir else ''}, "
           f"graph={args.graph}, batch {args.batch_size} / {args.batch_delay} ms")
     return mar
 
@@ -171,6 +179,29 @@ def int8_program(args: argparse.Namespace, ckpt: Path):
     return int8.build(ckpt, args.int8_data)
 
 
+def openvino_program(args: argparse.Namespace, ckpt: Path):
+    """OpenVINO's int8 program for --runtime openvino or auto: the one the thresholds'
+    openvino-int8 set was fit on (without thresholds, one calibrated on --int8-data). openvino
+    refuses to build without it; auto leaves it out, saying why."""
+    if args.runtime == "torch":
+        return None
+    from calibration import openvino
+
+    try:
+        if not args.thresholds and args.int8_data:  # no thresholds: calibrated as the int8 program was
+            return openvino.build_openvino(ckpt, args.int8_data)
+        ir = openvino.for_thresholds(ckpt, args.thresholds) if args.thresholds else None
+        if ir is None:
+            raise ValueError(f"no {OPENVINO_SET} thresholds set (calibration/fit_thresholds.py --numerics "
+                             f"{OPENVINO_SET} --add)")
+    except ValueError as exc:
+        if args.runtime == "openvino":
+            raise SystemExit(f"--runtime openvino: {exc}") from exc
+        print(f"warning: {exc}; runtime auto leaves OpenVINO out of this archive", file=sys.stderr)
+        return None
+    return ir
+
+
 def archive(checkpoint: str | Path, export_path: str | Path, **options) -> Path:
     """``build`` with the command line's options as keywords (``thresholds=..., batch_size=8,
     channels_last=False``; None leaves an option at its default): one way to build an archive for
@@ -201,6 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--numerics", default="card", choices=("card", "fp32", "bf16", "int8", "auto"),
                    help="what the workers serve: the card's, a mode, or auto (the fastest mode this CPU runs "
                         "natively that has a thresholds set; int8 only if that set passed parity)")
+    p.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                   help="what runs int8: torch (our PT2E program), openvino (needs the openvino-int8 thresholds set "
+                        "and the peers extra), auto (OpenVINO where its set passed parity and ran faster here)")
     p.add_argument("--int8-data", default=None, help="int8 without an int8 thresholds set: calibration images")
     p.add_argument("--no-int8-package", dest="int8_package", action="store_false",
                    help="int8: leave out the ahead-of-time compiled backbone (workers then torch.compile it "

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from calibration import int8
+from calibration import openvino
 from handler import quantize
 from handler.engine import Engine
 from handler.numerics import OPENVINO_SET, choose_runtime, openvino_versions
@@ -54,11 +54,11 @@ def test_without_the_openvino_package_auto_falls_back_and_a_request_for_it_is_re
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     assert openvino_versions() is None
     assert choose_runtime("auto", "int8", _sets(), True, ZEN5) == (
-        "torch", "auto (openvino: not installed (pip install -e .[peers]))")
-    with pytest.raises(ValueError, match=r"not installed \(pip install -e .\[peers\]\)"):
+        "torch", "auto (openvino: not installed (pip install openvino, setup/runtime.txt))")
+    with pytest.raises(ValueError, match=r"not installed \(pip install openvino, setup/runtime.txt\)"):
         choose_runtime("openvino", "int8", _sets(), True, ZEN5)
     with pytest.raises(ValueError, match="needs openvino and nncf"):
-        int8.build_openvino(DEMO, "fashion-mnist:holdout", images=8, cache=tmp_path)
+        openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=8, cache=tmp_path)
     program = quantize.OpenVINOProgram(tmp_path / "p.xml", {"fingerprint": "x", "input_size": 32})
     from handler.checkpoint import load_mrl_resnet50
     model, _ = load_mrl_resnet50(DEMO, numerics="fp32")
@@ -74,9 +74,9 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     from handler.service import MRLService
     from handler.thresholds import OperatingPoints
 
-    program = int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path)
+    program = openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path)
     assert quantize.open_openvino(program.path).fingerprint == program.fingerprint
-    assert int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path).path == program.path
+    assert openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path).path == program.path
     model, card = load_mrl_resnet50(DEMO, numerics="fp32")
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
                      batch_sizes=(8,))
@@ -97,3 +97,44 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     fp32_model, _ = load_mrl_resnet50(DEMO, numerics="fp32")
     fp32 = MRLService(fp32_model, card, OperatingPoints.fixed(card.nesting), numerics="fp32", batch_sizes=(8,))
     assert [b["label"] for _, b in answers] == [b["label"] for _, b in fp32.handle([{"body": b} for b in bodies])]
+
+
+def _model_folder(tmp_path, program, *, fingerprint=None, speed=1.5, passed=True):
+    """A model folder as an archive unpacks it: the demo checkpoint, its thresholds with an
+    openvino-int8 set recording ``program`` (or ``fingerprint``), and OpenVINO's IR beside it."""
+    import json
+    import shutil
+
+    from handler.cpus import cpu_isa, isa_name
+    from handler.thresholds import numerics_sets
+
+    folder = tmp_path / "model"
+    folder.mkdir(parents=True)
+    shutil.copy(DEMO, folder / "checkpoint.pt")
+    for suffix in (".xml", ".bin", ".json"):
+        shutil.copy(program.path.with_suffix(suffix), (folder / "openvino").with_suffix(suffix))
+    (folder / "int8.pt2").write_bytes(b"our int8 program (not opened when OpenVINO serves)")
+    doc = json.loads(open("model_store/fashion_mnist/thresholds.json").read())
+    ov_set = json.loads(json.dumps(numerics_sets(doc)["int8"]))
+    ov_set["meta"].update(numerics=OPENVINO_SET, parity={"passed": passed},
+                          speed={isa_name(cpu_isa()): {"openvino_over_torch": speed}})
+    ov_set["meta"]["int8_program"] = {**{k: program.meta[k] for k in ("data", "images", "reduce_range")},
+                                      "fingerprint": fingerprint or program.fingerprint, "runtime": "openvino"}
+    doc["sets"][OPENVINO_SET] = ov_set
+    (folder / "thresholds.json").write_text(json.dumps(doc))
+    return folder, ov_set
+
+
+def test_from_dir_serves_openvino_under_auto_with_its_own_set_and_refuses_another_programs_set(tmp_path):
+    from handler.service import MRLService
+
+    program = openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path / "cache")
+    folder, _ = _model_folder(tmp_path, program)
+    svc = MRLService.from_dir(folder, numerics="int8", runtime="auto", graph_cache=False, batch_sizes=(1, 2))
+    assert svc.engine.graph == "openvino" and svc.points.meta["numerics"] == OPENVINO_SET
+    assert svc.points.meta["int8_program"]["fingerprint"] == program.fingerprint
+    with pytest.raises(ValueError, match="runtime 'openvino' runs int8 only"):
+        MRLService.from_dir(folder, numerics="fp32", runtime="openvino", graph_cache=False)
+    other, _ = _model_folder(tmp_path / "other", program, fingerprint="0" * 64)
+    with pytest.raises(ValueError, match=f"the {OPENVINO_SET} thresholds were fit on OpenVINO program 0000"):
+        MRLService.from_dir(other, numerics="int8", runtime="openvino", graph_cache=False)

@@ -1,0 +1,146 @@
+"""The OpenVINO engine's int8 program, built offline (issue #36): our serving module (backbone,
+nested heads, softmax) converted to OpenVINO and quantized by NNCF on the batches our own int8
+program calibrates on, heads left in floats; its thresholds set (``openvino-int8``, fit by
+``fit_thresholds.py --numerics openvino-int8``) records the program, its parity with fp32 and how
+fast it ran against our int8 on this CPU class, which ``auto`` reads (handler/numerics.py).
+A worker loads the IR with ``handler.quantize.open_openvino``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from calibration.int8 import CACHE, CALIBRATION_IMAGES, calibration_batches
+from handler.checkpoint import file_sha256, load_mrl_resnet50
+from handler.cpus import cpu_isa, isa_name, machine
+from handler.engine import Engine, Serving
+from handler.numerics import OPENVINO_SET, openvino_versions
+from handler.quantize import OpenVINOProgram, ir_fingerprint
+from handler.thresholds import numerics_sets
+
+log = logging.getLogger(__name__)
+
+
+def build_openvino(checkpoint: str | Path, spec: str, *, images: int = CALIBRATION_IMAGES,
+                   cache: Path = CACHE) -> OpenVINOProgram:
+    """The OpenVINO int8 program for ``checkpoint``, calibrated by NNCF on the batches our own int8
+    program calibrates on (``calibration_batches``: the thresholds' int8 record's ``spec`` and
+    ``images``), from the cache or built now. Raises ValueError where OpenVINO is not installed."""
+    versions = openvino_versions()
+    try:
+        import nncf
+    except ImportError:
+        versions = None
+    if versions is None:
+        raise ValueError("the OpenVINO engine needs openvino and nncf: pip install -e .[peers]")
+    versions = {**versions, "nncf": nncf.__version__}
+    sha = file_sha256(checkpoint)
+    key = hashlib.sha256(json.dumps([sha, spec, images, "openvino-nncf", versions, str(torch.__version__)],
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    xml = Path(cache) / f"openvino-{key}.xml"
+    if xml.exists() and xml.with_suffix(".json").exists():
+        return OpenVINOProgram(xml, json.loads(xml.with_suffix(".json").read_text()))
+    import openvino as ov
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    model, card = load_mrl_resnet50(checkpoint, numerics="fp32")
+    size = card.preprocessing.crop
+    batches = [x.contiguous().numpy() for x in calibration_batches(card, spec, images)]
+    converted = ov.convert_model(Serving(model.float().eval()), example_input=torch.zeros(1, 3, size, size))
+    heads = nncf.IgnoredScope(patterns=[r".*model\.fc\..*"], validate=False)  # fp32 heads, as ours
+    quantized = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches), ignored_scope=heads)
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.xml")
+    ov.save_model(quantized, str(tmp), compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+    os.replace(tmp, xml)
+    # The keys of RECORD too, so that calibration/outputs.py's collect() runs it as it runs ours.
+    meta = {"runtime": "openvino", "checkpoint_sha256": sha, "data": spec, "images": images,
+            "reduce_range": False, "activation_qparams": None, "key": key, "fingerprint": ir_fingerprint(xml),
+            "input_size": size, "build_s": round(time.perf_counter() - t0, 1), **versions,
+            "torch": str(torch.__version__)}
+    xml.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("OpenVINO int8 program %s built in %.1f s", xml, meta["build_s"])
+    return OpenVINOProgram(xml, meta)
+
+
+def for_thresholds(checkpoint: str | Path, thresholds: str | Path) -> OpenVINOProgram | None:
+    """The OpenVINO program the ``openvino-int8`` set of a thresholds file was fit on, rebuilt here
+    from its record (or found in the cache); None when the file has no such set. A rebuild that
+    computes another program (another OpenVINO or NNCF version, another CPU's rounding) is refused:
+    the set does not describe it. A ValueError where OpenVINO is not installed."""
+    fit = numerics_sets(json.loads(Path(thresholds).read_text())).get(OPENVINO_SET, {}).get("meta", {}).get(
+        "int8_program")
+    if not fit:
+        return None
+    program = build_openvino(checkpoint, fit["data"], images=fit["images"])
+    if program.fingerprint != fit["fingerprint"]:
+        raise ValueError(f"the {OPENVINO_SET} set of {thresholds} was fit on OpenVINO program "
+                         f"{fit['fingerprint'][:16]}, this machine builds {program.fingerprint[:16]} from the same "
+                         f"record: refit it here (calibration/fit_thresholds.py --numerics {OPENVINO_SET} --add)")
+    return program
+
+
+def speed_against_torch(checkpoint: str | Path, ours, program: OpenVINOProgram, *, batch_sizes=(1, 8),
+                        rounds: int = 5, repeat: int = 20) -> dict:
+    """How fast the OpenVINO program runs against our int8 program (``ours``, with its AOTInductor
+    package) on this CPU: median seconds per batch of each, over ``rounds`` alternating rounds,
+    each in its own child process as a worker runs it (so neither engine's idle threads slow the
+    other). The record ``auto`` reads: {isa class: {"openvino_over_torch": the lower of the
+    per-batch ratios, per batch, the machine line, the date}}."""
+    import subprocess
+    import sys
+
+    per_batch: dict[str, list[float]] = {f"{e}-{b}": [] for e in ("torch", "openvino") for b in batch_sizes}
+    for _ in range(rounds):
+        for engine, path in (("torch", ours.path), ("openvino", program.path)):
+            code = ("import json, sys; from calibration.openvino import _time_engine; "
+                    f"print(json.dumps(_time_engine({str(checkpoint)!r}, {engine!r}, {str(path)!r}, "
+                    f"{str(ours.package) if ours.package else None!r}, {list(batch_sizes)!r}, {repeat})))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).resolve().parents[1])
+            for b, s in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                per_batch[f"{engine}-{b}"].append(s)
+    ratios = {str(b): statistics.median(per_batch[f"torch-{b}"]) / statistics.median(per_batch[f"openvino-{b}"])
+              for b in batch_sizes}
+    return {isa_name(cpu_isa()): {"openvino_over_torch": round(min(ratios.values()), 3),
+                                  "per_batch": {b: round(r, 3) for b, r in ratios.items()},
+                                  "ms_per_batch": {k: round(1000 * statistics.median(v), 3) for k, v in per_batch.items()},
+                                  "rounds": rounds, "repeat": repeat, "machine": machine(),
+                                  "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}}
+
+
+def _time_engine(checkpoint: str, engine: str, path: str, package: str | None, batch_sizes, repeat: int) -> dict:
+    """In a child process: median seconds per batch of one engine (backbone, heads, softmax) on
+    random inputs, threads as a worker sets them (OpenVINO: torch on one thread)."""
+    from handler.engine import configure_threads
+    from handler.quantize import open_openvino, open_program
+
+    configure_threads()
+    model, card = load_mrl_resnet50(checkpoint, numerics="fp32")
+    program = open_openvino(path) if engine == "openvino" else open_program(path, package)
+    size = card.preprocessing.crop
+    run = Engine(model, numerics="int8", int8_program=program, input_size=size, batch_sizes=tuple(batch_sizes))
+    if engine == "openvino":
+        torch.set_num_threads(1)
+    out = {}
+    for b in batch_sizes:
+        x = torch.randn(b, 3, size, size)
+        for _ in range(3):
+            run(x)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t0)
+        out[b] = statistics.median(times)
+    return out
