@@ -43,6 +43,9 @@ MODES = {
     "bf16": dict(numerics="bf16", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
     # int8: the PT2E-quantized backbone as an AOTInductor package (handler/quantize.py), fp32 heads.
     "int8": dict(numerics="int8", graph="jit", channels_last=True, jpeg_draft=True, server_env=True),
+    # openvino: the same int8 served by OpenVINO's NNCF program (calibration/openvino_int8.py; runtime openvino)
+    "openvino": dict(numerics="int8", runtime="openvino", graph="jit", channels_last=True, jpeg_draft=True,
+                     server_env=True),
 }  # bench/run.py's modes; "auto" there serves one of these per model
 
 
@@ -195,6 +198,26 @@ def int8_for(ckpt: Path, calibration: str | None, thresholds: Path | None, batch
 
     program = int8.for_thresholds(ckpt, thresholds) if thresholds is not None else None
     return int8.compile_package(program or int8.build(ckpt, calibration), quantize.package_batches(batch_size))
+
+
+def openvino_for(ckpt: Path, calibration: str | None, thresholds: Path | None):
+    """OpenVINO's int8 program a server of ``ckpt`` runs with runtime openvino: the one its
+    thresholds' openvino-int8 set was fit on, else one calibrated on ``calibration`` (as
+    build_archive.py builds it from --int8-data)."""
+    from calibration import openvino_int8
+
+    program = openvino_int8.for_thresholds(ckpt, thresholds) if thresholds is not None else None
+    return program or openvino_int8.build_openvino(ckpt, calibration)
+
+
+def openvino_set_runs_here(ckpt: Path, thresholds: Path) -> bool:
+    """Whether the thresholds hold an openvino-int8 set whose program this machine rebuilds."""
+    from calibration import openvino_int8
+
+    try:
+        return openvino_int8.for_thresholds(ckpt, thresholds) is not None
+    except ValueError:
+        return False
 
 
 # -- the server --------------------------------------------------------------------------------------

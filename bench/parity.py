@@ -96,11 +96,11 @@ def _against_fp32(args, fp32, other, mode: str, fields: dict) -> dict:
 
 
 def openvino_parity(args, cache) -> dict:
-    """OpenVINO's int8 (NNCF on the thresholds' int8 calibration set, calibration/openvino.py) against
+    """OpenVINO's int8 (NNCF on the thresholds' int8 calibration set, calibration/openvino_int8.py) against
     fp32 (issue #36, acceptance 3), with int8's limits. The engine has no thresholds set of its own
     yet (calibration/fit_thresholds.py does not fit one), so its cascade is read with the int8 set,
     fit on our int8 program's outputs: what serving it with that set would do."""
-    from calibration import openvino
+    from calibration import openvino_int8
 
     doc = json.loads(Path(args.thresholds).read_text())
     sets = numerics_sets(doc)
@@ -108,7 +108,7 @@ def openvino_parity(args, cache) -> dict:
     if not fit or "fp32" not in sets:
         raise SystemExit(f"{args.thresholds} needs an fp32 and an int8 set (the int8 record names the calibration data)")
     try:
-        program = openvino.build_openvino(args.checkpoint, fit["data"], images=fit["images"])
+        program = openvino_int8.build_openvino(args.checkpoint, fit["data"], images=fit["images"])
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)

@@ -11,7 +11,7 @@ bundled model, the benchmark's own request images for the ImageNet-size one). Ou
 in the mode of the same name (traced fp32, traced bf16 autocast, the int8 AOTInductor package).
 Both sides get the same normalized tensors (decoded and preprocessed once, no decode timed), the
 same threads, at batch 1 and at the serving batch; each side's graph is static per batch size.
-OpenVINO's int8 model is the OpenVINO engine option's own program (calibration/openvino.py:
+OpenVINO's int8 model is the OpenVINO engine option's own program (calibration/openvino_int8.py:
 build_openvino), and a second table runs our whole in-process pipeline (decode, preprocess, model,
 cascade) with our int8 engine and with that engine option, on the benchmark's request bodies.
 Rounds alternate between the runners, so a drift in the machine's load lands on every one; the
@@ -76,7 +76,7 @@ def batch_of(tensors: list[torch.Tensor], b: int) -> torch.Tensor:
 
 def openvino_models(model, size: int, int8_program) -> dict:
     """Our module, heads and softmax included, as OpenVINO models: 'fp32' (converted here) and
-    'int8' (the OpenVINO engine's own program, calibration/openvino.py: NNCF post-training
+    'int8' (the OpenVINO engine's own program, calibration/openvino_int8.py: NNCF post-training
     quantization of the same conversion, heads left in floats)."""
     import openvino as ov
 
@@ -151,7 +151,7 @@ def measure(runners: dict, x: torch.Tensor, rounds: int, repeat: int) -> dict:
 
 def model_setup(name: str, ckpt: Path, bodies: list[bytes], tmp: Path):
     """(fp32 model, card, our int8 program, OpenVINO's int8 program, what calibrated both)."""
-    from calibration import openvino
+    from calibration import openvino_int8
 
     model, card = load_mrl_resnet50(ckpt, numerics="fp32")
     thr = BUNDLED[name][0] / "thresholds.json" if name in BUNDLED else None
@@ -161,7 +161,7 @@ def model_setup(name: str, ckpt: Path, bodies: list[bytes], tmp: Path):
     else:  # as bench/run.py does for a model without an int8 set: its own request images
         thr, spec, images = None, calibration_folder(tmp, name, bodies), len(bodies)
     program = int8_for(ckpt, None if thr is not None else spec, thr)
-    ov_program = openvino.build_openvino(ckpt, spec, images=images)  # the same calibration batches
+    ov_program = openvino_int8.build_openvino(ckpt, spec, images=images)  # the same calibration batches
     return model, card, program, ov_program, {"data": spec if thr is not None else "the benchmark's request images",
                                                "images": images}
 

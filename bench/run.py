@@ -9,11 +9,14 @@ Modes:
   fp32      our path in fp32: channels_last, traced+frozen graph, JPEG draft, SERVER_ENV (malloc, libgomp spin);
   bf16      the same with bf16 autocast (what the demo card serves);
   int8      the backbone quantized (PT2E, calibration/int8.py) and compiled ahead of time, fp32 heads;
+  openvino  int8 on the OpenVINO engine (runtime openvino: NNCF's program, calibration/openvino_int8.py; torch
+            on one thread in the worker), with its own thresholds set where the model has one;
   peers     OpenVINO fp32/bf16/int8 on the same checkpoints beside our engine (bench/peers.py; needs
             the peers extra, else skipped with a note; --no-peers leaves it out);
-  auto      bundled models only: the archive built with numerics auto, which serves the fastest
-            mode this CPU runs natively whose thresholds set passed parity (handler/engine.py,
-            choose_numerics); the report names what it chose and why.
+  auto      bundled models only: the archive built with numerics auto and runtime auto, which serves
+            the fastest mode this CPU runs natively whose thresholds set passed parity, and int8 on
+            OpenVINO where its set passed parity and ran faster (handler/numerics.py); the report
+            names what it chose and why.
 Models: "imagenet" (official layout, random weights, 1000 classes, 224x224 JPEG requests), and the
 bundled checkpoints with PNG requests from their test specs: "demo" (Fashion-MNIST, 28x28,
 fashion-mnist:test) and "han1000" (1000 Han characters, 32x32, han1000:test). A mode whose
@@ -43,6 +46,8 @@ from bench.harness import (
     int8_set_runs_here,
     make_checkpoints,
     median_time,
+    openvino_for,
+    openvino_set_runs_here,
     save_report,
     serve_phase,
     server,
@@ -51,7 +56,7 @@ from bench.harness import (
 )
 from handler.checkpoint import load_mrl_resnet50
 from handler.engine import configure_threads
-from handler.numerics import choose_numerics, resolve_numerics
+from handler.numerics import OPENVINO_SET, choose_numerics, choose_runtime, resolve_numerics
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints, numerics_sets
 from model_store.build_archive import BATCH_DELAY_MS
@@ -76,6 +81,9 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), graph=mode["graph"],
                      batch_sizes=batch_sizes, channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"],
                      numerics=mode["numerics"], int8_program=int8_program)
+    threads = torch.get_num_threads()
+    if svc.engine.graph == "openvino":
+        torch.set_num_threads(1)  # as a worker running OpenVINO does (handler/ts_handler.py)
     out = {}
     for b in batch_sizes:
         items = [{"body": bodies[i % len(bodies)]} for i in range(b)]
@@ -85,6 +93,7 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
         gflop = GFLOP_224 * (card.preprocessing.crop / 224) ** 2 * b
         out[str(b)] = {"pipeline_img_s": b / t, "pipeline_ms_per_batch": 1000 * t,
                        "backbone_img_s": b / tb, "backbone_gflops": gflop / tb}
+    torch.set_num_threads(threads)
     return out
 
 
@@ -96,6 +105,7 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
     settings = dict(graph=mode["graph"], batch_size=args.batch_size, batch_delay=args.batch_delay, workers=1,
                     channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds,
                     numerics=mode.get("archive_numerics") or ("int8" if int8 else None),
+                    runtime=mode.get("archive_runtime") or mode.get("runtime", "torch"),
                     int8_data=int8_data if int8 and thresholds is None else None)
     with server(tmp, ckpt, {"mrl_resnet50": settings}, timeout=180, server_env=mode["server_env"]) as srv:
         t0 = time.perf_counter()
@@ -119,18 +129,24 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
 
 
 def auto_mode(folder: Path) -> tuple[str, str]:
-    """The mode of ``MODES`` that ``auto`` serves for a bundled model on this CPU, and why (the
-    worker's own rule, on the model's thresholds)."""
+    """The mode of ``MODES`` that ``auto`` (numerics and runtime) serves for a bundled model on
+    this CPU, and why (the worker's own rules, on the model's thresholds)."""
     card = load_mrl_resnet50(folder / "mrl_resnet50_fp16.pt")[1]
-    sets = numerics_sets(json.loads((folder / "thresholds.json").read_text()))
-    return choose_numerics("auto", card.numerics, sets, has_int8="int8" in sets)
+    thresholds = folder / "thresholds.json"
+    sets = numerics_sets(json.loads(thresholds.read_text()))
+    mode, why = choose_numerics("auto", card.numerics, sets, has_int8="int8" in sets)
+    if mode == "int8":
+        runtime, why_runtime = choose_runtime("auto", mode, sets, OPENVINO_SET in sets and
+                                              openvino_set_runs_here(folder / "mrl_resnet50_fp16.pt", thresholds))
+        return ("openvino" if runtime == "openvino" else mode), f"{why}; runtime {runtime}: {why_runtime}"
+    return mode, why
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", default=",".join(["imagenet", *BUNDLED]))
-    p.add_argument("--modes", default="baseline,fp32,bf16,int8,auto")
+    p.add_argument("--modes", default="baseline,fp32,bf16,int8,openvino,auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=BATCH_DELAY_MS)
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "benchmarks.json"))
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     chose, why = auto_mode(BUNDLED[model][0])
                     res["auto"] = {"chose": chose, "why": why}
-                    mode = {**MODES[chose], "archive_numerics": "auto"}
+                    mode = {**MODES[chose], "archive_numerics": "auto", "archive_runtime": "auto"}
                     print(model, "auto chose", chose, why, flush=True)
                 else:
                     mode = MODES[mode_name]
@@ -181,7 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
                     thr = None  # no int8 set (or an 8-bit one without VNNI): served at fixed 2048 on a
                     # backbone calibrated on its test inputs
                 calib = calibration_folder(tmp, model, inputs[model]) if int8 and thr is None else None
-                program = int8_for(ckpt, calib, thr, args.batch_size) if int8 else None
+                if mode.get("runtime") == "openvino":
+                    if thr is not None and not openvino_set_runs_here(ckpt, thr):
+                        thr, calib = None, calibration_folder(tmp, model, inputs[model])
+                    program = openvino_for(ckpt, calib, thr)
+                else:
+                    program = int8_for(ckpt, calib, thr, args.batch_size) if int8 else None
                 res["raw"] = raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)
                 print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
                 res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,

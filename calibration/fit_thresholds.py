@@ -260,14 +260,14 @@ def openvino_programs(args: argparse.Namespace):
     """(OpenVINO's int8 program, our int8 program with its AOTInductor package) for an
     ``openvino-int8`` set: both calibrated on the int8 set's record in --out where there is one
     (the images our int8 was calibrated on), else on --int8-data or --data."""
-    from calibration import int8, openvino
+    from calibration import int8, openvino_int8
     from handler.quantize import package_batches
 
     dest = Path(args.out)
     ours = int8.for_thresholds(args.checkpoint, dest) if dest.exists() else None
     if ours is None:
         ours = int8.build(args.checkpoint, args.int8_data or args.data)
-    program = openvino.build_openvino(args.checkpoint, ours.meta["data"], images=ours.meta["images"])
+    program = openvino_int8.build_openvino(args.checkpoint, ours.meta["data"], images=ours.meta["images"])
     return program, int8.compile_package(ours, package_batches(8))
 
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--numerics", choices=("fp32", "bf16", "int8", OPENVINO_SET),
                    help="fit in this mode (default: what this CPU serves the card's in); bf16 is emulated if "
                         "the CPU lacks it; int8 quantizes the backbone (calibration/int8.py) and records parity; "
-                        f"{OPENVINO_SET}: OpenVINO's int8 program (calibration/openvino.py), calibrated on the "
+                        f"{OPENVINO_SET}: OpenVINO's int8 program (calibration/openvino_int8.py), calibrated on the "
                         "int8 set's record in --out, with parity and its speed against our int8 on this CPU")
     p.add_argument("--int8-data", help="int8: the images that calibrate the quantizer (default: --data)")
     p.add_argument("--add", action="store_true",
@@ -336,9 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
         doc["meta"]["parity"] = parity_with_fp32(out, fp32, scored, args)
         print(f"{doc['meta']['numerics']} parity on {args.data}: {json.dumps(doc['meta']['parity'])}", file=sys.stderr)
     if ours is not None:  # what auto reads: measured here, each engine in its own process
-        from calibration import openvino
+        from calibration import openvino_int8
 
-        doc["meta"]["speed"] = openvino.speed_against_torch(args.checkpoint, ours, program)
+        doc["meta"]["speed"] = openvino_int8.speed_against_torch(args.checkpoint, ours, program)
         print(f"{OPENVINO_SET} speed: {json.dumps({k: v['per_batch'] for k, v in doc['meta']['speed'].items()})} "
               "(OpenVINO over our int8, per batch size)", file=sys.stderr)
     evals = {}

@@ -167,7 +167,7 @@ def threshold_numerics(numerics: str, device: torch.device | str = "cpu") -> tup
 
 def openvino_versions() -> dict | None:
     """OpenVINO's version, or None where it is not installed (setup/runtime.txt pins it; a worker
-    needs only the runtime, calibration/openvino.py's build also needs NNCF)."""
+    needs only the runtime, calibration/openvino_int8.py's build also needs NNCF)."""
     try:
         import openvino
     except ImportError:

@@ -185,12 +185,12 @@ def openvino_program(args: argparse.Namespace, ckpt: Path):
     refuses to build without it; auto leaves it out, saying why."""
     if args.runtime == "torch":
         return None
-    from calibration import openvino
+    from calibration import openvino_int8
 
     try:
         if not args.thresholds and args.int8_data:  # no thresholds: calibrated as the int8 program was
-            return openvino.build_openvino(ckpt, args.int8_data)
-        ir = openvino.for_thresholds(ckpt, args.thresholds) if args.thresholds else None
+            return openvino_int8.build_openvino(ckpt, args.int8_data)
+        ir = openvino_int8.for_thresholds(ckpt, args.thresholds) if args.thresholds else None
         if ir is None:
             raise ValueError(f"no {OPENVINO_SET} thresholds set (calibration/fit_thresholds.py --numerics "
                              f"{OPENVINO_SET} --add)")

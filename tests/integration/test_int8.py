@@ -4,7 +4,7 @@ and answers as the same program does in process under torch.compile."""
 import numpy as np
 import pytest
 
-from calibration import int8, openvino
+from calibration import int8, openvino_int8
 from client.http import run_load
 from handler.checkpoint import load_mrl_resnet50
 from handler.service import MRLService
@@ -35,13 +35,7 @@ def test_an_int8_archive_serves_its_quantized_backbone(tiny_checkpoint, calibrat
         scrape = server.scrape()
         assert 'mrl_numerics_info{' in scrape and 'numerics="int8"' in scrape
     # The same program in process (int8.build finds the one the archive builder made).
-    program = int8.build(tiny_checkpoint, str(calibration_folder))
-    model, card = load_mrl_resnet50(tiny_checkpoint)
-    svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
-                     batch_sizes=(1, 4))
-    local = [body for _, body in svc.handle([{"body": b} for b in images])]
-    assert [r.body["class_index"] for r in served] == [b["class_index"] for b in local]
-    np.testing.assert_allclose([r.body["confidence"] for r in served], [b["confidence"] for b in local], atol=2e-3)
+    answers_as_in_process(served, tiny_checkpoint, int8.build(tiny_checkpoint, str(calibration_folder)), images)
 
 
 def test_an_openvino_archive_serves_int8_on_openvino_with_torch_on_one_thread(
@@ -57,8 +51,13 @@ def test_an_openvino_archive_serves_int8_on_openvino_with_torch_on_one_thread(
         images = test_images[:24]
         served = run_load(server.client(), images, concurrency=4, count=len(images), headers={"X-MRL-Dim": "2048"})
         assert {r.status for r in served} == {200}
-    program = openvino.build_openvino(tiny_checkpoint, str(calibration_folder))  # the archive builder's, cached
-    model, card = load_mrl_resnet50(tiny_checkpoint)
+    program = openvino_int8.build_openvino(tiny_checkpoint, str(calibration_folder))  # the archive builder's, cached
+    answers_as_in_process(served, tiny_checkpoint, program, images)
+
+
+def answers_as_in_process(served, checkpoint, program, images) -> None:
+    """The server's answers are the int8 ``program``'s answers in process, image for image."""
+    model, card = load_mrl_resnet50(checkpoint)
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
                      batch_sizes=(1, 4))
     local = [body for _, body in svc.handle([{"body": b} for b in images])]

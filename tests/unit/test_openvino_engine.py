@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from calibration import openvino
+from calibration import openvino_int8
 from handler import quantize
 from handler.engine import Engine
 from handler.numerics import OPENVINO_SET, choose_runtime, openvino_versions
@@ -58,7 +58,7 @@ def test_without_the_openvino_package_auto_falls_back_and_a_request_for_it_is_re
     with pytest.raises(ValueError, match=r"not installed \(pip install openvino, setup/runtime.txt\)"):
         choose_runtime("openvino", "int8", _sets(), True, ZEN5)
     with pytest.raises(ValueError, match="needs openvino and nncf"):
-        openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=8, cache=tmp_path)
+        openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=8, cache=tmp_path)
     program = quantize.OpenVINOProgram(tmp_path / "p.xml", {"fingerprint": "x", "input_size": 32})
     from handler.checkpoint import load_mrl_resnet50
     model, _ = load_mrl_resnet50(DEMO, numerics="fp32")
@@ -74,9 +74,9 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     from handler.service import MRLService
     from handler.thresholds import OperatingPoints
 
-    program = openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path)
+    program = openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path)
     assert quantize.open_openvino(program.path).fingerprint == program.fingerprint
-    assert openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path).path == program.path
+    assert openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path).path == program.path
     model, card = load_mrl_resnet50(DEMO, numerics="fp32")
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
                      batch_sizes=(8,))
@@ -128,7 +128,7 @@ def _model_folder(tmp_path, program, *, fingerprint=None, speed=1.5, passed=True
 def test_from_dir_serves_openvino_under_auto_with_its_own_set_and_refuses_another_programs_set(tmp_path):
     from handler.service import MRLService
 
-    program = openvino.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path / "cache")
+    program = openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path / "cache")
     folder, _ = _model_folder(tmp_path, program)
     svc = MRLService.from_dir(folder, numerics="int8", runtime="auto", graph_cache=False, batch_sizes=(1, 2))
     assert svc.engine.graph == "openvino" and svc.points.meta["numerics"] == OPENVINO_SET
