@@ -82,8 +82,7 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
                      batch_sizes=batch_sizes, channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"],
                      numerics=mode["numerics"], int8_program=int8_program)
     threads = torch.get_num_threads()
-    if svc.engine.graph == "openvino":
-        torch.set_num_threads(1)  # as a worker running OpenVINO does (handler/ts_handler.py)
+    svc.engine.release_cores()  # as a worker does (handler/ts_handler.py)
     out = {}
     for b in batch_sizes:
         items = [{"body": bodies[i % len(bodies)]} for i in range(b)]

@@ -134,8 +134,7 @@ def _time_engine(checkpoint: str, engine: str, path: str, package: str | None, b
     program = open_openvino(path) if engine == "openvino" else open_program(path, package)
     size = card.preprocessing.crop
     run = Engine(model, numerics="int8", int8_program=program, input_size=size, batch_sizes=tuple(batch_sizes))
-    if engine == "openvino":
-        torch.set_num_threads(1)
+    run.release_cores()  # as a worker does
     out = {}
     for b in batch_sizes:
         x = torch.randn(b, 3, size, size)

@@ -239,6 +239,14 @@ class Engine:
         enabled = self.autocast and self.graph != "jit"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def release_cores(self) -> None:
+        """For a process that runs this engine alone (a worker), once it is built: where OpenVINO
+        runs the whole model on its own threads, torch, left with preprocessing, keeps one thread,
+        so that its OpenMP team does not spin after each op (GOMP_SPINCOUNT, SERVER_ENV) on the
+        cores OpenVINO needs (docs/benchmarks.md). Nothing changes for torch's own graphs."""
+        if self.graph == "openvino":
+            torch.set_num_threads(1)
+
     def warm_up(self, batch_sizes: Sequence[int], input_size: int) -> None:
         """Run each serving batch size once (twice for jit: its profiling executor optimizes on
         the second call), so that no user request pays for compilation."""

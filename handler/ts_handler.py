@@ -66,11 +66,7 @@ class MRLHandler:
             capture=settings.capture, gallery_dir=settings.gallery_dir,
             **({"exact_max_items": settings.exact_max_items} if settings.exact_max_items is not None else {}),
             graph_cache=settings.graph_cache, numerics=settings.numerics, runtime=settings.runtime)
-        if self.service.engine.graph == "openvino":
-            # OpenVINO runs the whole model on its own threads (``threads`` of them); torch is left
-            # with preprocessing. Its OpenMP team would spin after each op (GOMP_SPINCOUNT, SERVER_ENV)
-            # on the cores OpenVINO needs, so it gets one thread and no team (docs/benchmarks.md).
-            torch.set_num_threads(1)
+        self.service.engine.release_cores()  # OpenVINO: ``threads`` are its own, torch keeps one
         t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s code=%s", context.model_name, device, threads,
@@ -111,8 +107,6 @@ def _process_age_s() -> float:
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -97,6 +97,17 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     fp32_model, _ = load_mrl_resnet50(DEMO, numerics="fp32")
     fp32 = MRLService(fp32_model, card, OperatingPoints.fixed(card.nesting), numerics="fp32", batch_sizes=(8,))
     assert [b["label"] for _, b in answers] == [b["label"] for _, b in fp32.handle([{"body": b} for b in bodies])]
+    # a worker then leaves torch one thread (OpenVINO's own run the model); torch's graphs keep theirs
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fp32.engine.release_cores()
+        assert torch.get_num_threads() == 2
+        svc.engine.release_cores()
+        assert torch.get_num_threads() == 1
+        assert svc.handle([{"body": bodies[0]}])[0][1]["label"] == answers[0][1]["label"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _model_folder(tmp_path, program, *, fingerprint=None, speed=1.5, passed=True):
