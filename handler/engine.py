@@ -63,6 +63,13 @@ class _QuantizedServing(nn.Module):
         return F.softmax(self.heads(emb).float(), dim=-1), emb
 
 
+# The LATENCY hint (one stream of ``threads``), and no pinning: OpenVINO's CPU plugin otherwise pins
+# its stream's threads to the first cores of the process's affinity, the same cores in every worker,
+# so two single-thread workers ran on one core (2026-12-07, AMD EPYC: 24 + 24 img/s pinned, 49 + 49
+# unpinned, batch 8, ImageNet size); the workers share the cores with each other and with decoding.
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+
+
 class _OpenVINOServing:
     """An OpenVINO program compiled once per static batch size in ``sizes`` (the threads this
     process uses, the LATENCY hint); a batch runs on the smallest graph that holds it, zero-padded,
@@ -77,7 +84,7 @@ class _OpenVINOServing:
         for b in self.sizes:
             m = model.clone()
             m.reshape({m.inputs[0]: [b, 3, input_size, input_size]})
-            compiled = core.compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+            compiled = core.compile_model(m, "CPU", {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads})
             self.requests[b] = (compiled.create_infer_request(), compiled.outputs)
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +114,7 @@ class Engine:
                  graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,),
                  channels_last: bool = True, onednn_fusion: bool = True,
                  graph_cache: str | os.PathLike | None = None, cache_key: str = "", emulate: bool = False,
-                 int8_program=None) -> None:
+                 int8_program=None, openvino_threads: int | None = None) -> None:
         """``emulate``: run bf16 even where the device has no bf16 instructions (same rounding of
         weights and activations to bf16, fp32 accumulation, about 5x slower than fp32 on an AVX2
         CPU). For calibrating a bf16 set of thresholds on such a machine, never for serving.
@@ -116,7 +123,8 @@ class Engine:
         backbone runs as its AOTInductor package where it has one for this CPU (graph 'aoti'), else
         under torch.compile with inductor freezing (graph 'compile'), whatever ``graph`` says. Given
         a ``handler.quantize.OpenVINOProgram`` instead, OpenVINO runs it (graph 'openvino'): a
-        ValueError where the openvino package is not installed."""
+        ValueError where the openvino package is not installed. It runs on ``openvino_threads``
+        threads (default: torch's, as configured for this process)."""
         if numerics not in ("fp32", "bf16", "int8"):
             raise ValueError(f"numerics must be 'fp32', 'bf16' or 'int8', got {numerics!r}")
         if numerics == "int8":
@@ -141,7 +149,8 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if numerics == "int8" and getattr(int8_program, "runtime", "torch") == "openvino":
-                module = self._openvino_module(int8_program, batch_sizes, input_size)
+                module = self._openvino_module(int8_program, batch_sizes, input_size,
+                                               openvino_threads or torch.get_num_threads())
             elif numerics == "int8":
                 module = self._int8_module(model, int8_program)
             elif graph == "jit":
@@ -172,7 +181,7 @@ class Engine:
         # Where a worker's start goes (logged by the TorchServe handler; bench/recovery.py reads it).
         self.timings = {"graph_s": t1 - t0, "warm_up_s": time.perf_counter() - t1}
 
-    def _openvino_module(self, program, batch_sizes: Sequence[int], input_size: int) -> _OpenVINOServing:
+    def _openvino_module(self, program, batch_sizes: Sequence[int], input_size: int, threads: int) -> _OpenVINOServing:
         if numerics_mod.openvino_versions() is None:
             raise ValueError("this int8 program runs on OpenVINO, which is not installed: pip install openvino (setup/runtime.txt)")
         if program.meta.get("input_size", input_size) != input_size:
@@ -180,7 +189,7 @@ class Engine:
                              f"inputs, this model {input_size}px")
         self.graph = "openvino"
         sizes = {*package_batches(max(batch_sizes)), *batch_sizes}
-        return _OpenVINOServing(program, sizes, input_size, torch.get_num_threads())
+        return _OpenVINOServing(program, sizes, input_size, threads)
 
     def _int8_module(self, model: MRLResNet50, program) -> nn.Module:
         """The program's AOTInductor package where it was compiled for this CPU (loads in about a

@@ -55,7 +55,8 @@ class MRLService:
                  channels_last: bool = True, jpeg_draft: bool = True, onednn_fusion: bool = True,
                  capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None,
                  gallery=None, graph_cache: str | Path | None = None, numerics: str | None = None,
-                 int8_program=None, exact_max_items: int = EXACT_MAX_ITEMS) -> None:
+                 int8_program=None, exact_max_items: int = EXACT_MAX_ITEMS,
+                 openvino_threads: int | None = None) -> None:
         if not isinstance(exact_max_items, int) or exact_max_items < 0:
             raise ValueError(f"exact_max_items must be an integer >= 0, got {exact_max_items!r}")
         self.exact_max_items = exact_max_items
@@ -74,7 +75,8 @@ class MRLService:
         self.engine = Engine(model, numerics=numerics, device=device, graph=graph,
                              input_size=card.preprocessing.crop, batch_sizes=batch_sizes,
                              channels_last=channels_last, onednn_fusion=onednn_fusion,
-                             graph_cache=graph_cache, cache_key=checkpoint_sha256 or "", int8_program=int8_program)
+                             graph_cache=graph_cache, cache_key=checkpoint_sha256 or "", int8_program=int8_program,
+                             openvino_threads=openvino_threads)
         self.normalize = Normalizer(card.preprocessing, device)
         # One threshold row per operating point and per fixed dim, built once, indexed per request.
         rows = {name: list(t) for name, t in points.points.items()}

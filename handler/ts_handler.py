@@ -65,8 +65,11 @@ class MRLHandler:
             jpeg_draft=settings.jpeg_draft, onednn_fusion=settings.onednn_fusion, sink=TorchServeSink(context.metrics),
             capture=settings.capture, gallery_dir=settings.gallery_dir,
             **({"exact_max_items": settings.exact_max_items} if settings.exact_max_items is not None else {}),
-            graph_cache=settings.graph_cache, numerics=settings.numerics, runtime=settings.runtime)
+            graph_cache=settings.graph_cache, numerics=settings.numerics, runtime=settings.runtime,
+            openvino_threads=settings.openvino_threads)
         self.service.engine.release_cores()  # OpenVINO: ``threads`` are its own, torch keeps one
+        if self.service.engine.graph == "openvino":
+            threads = settings.openvino_threads
         t = self.service.engine.timings
         log.info("mrl handler ready: model=%s device=%s threads=%d graph=%s numerics=%s "
                  "batch_size=%d operating_points=%s default=%s code=%s", context.model_name, device, threads,

@@ -20,14 +20,18 @@ def four_cores(monkeypatch):
 
 
 def test_workers_of_one_model_share_the_cores_unless_told(four_cores, monkeypatch):
-    def threads(workers, env=None, **block):
-        return WorkerSettings.from_config({"minWorkers": workers, "maxWorkers": workers, "handler": block},
-                                          environ=env or {}).threads
+    def threads(workers, env=None, openvino=False, **block):
+        settings = WorkerSettings.from_config({"minWorkers": workers, "maxWorkers": workers, "handler": block},
+                                              environ=env or {})
+        return settings.openvino_threads if openvino else settings.threads
     assert threads(2) == 2 and threads(8) == 1 and threads(1) == 4  # all cores for one worker
     assert threads(2, threads=3) == 3  # the block's own count
     assert threads(2, {"MRL_THREADS": "1"}, threads=3) == 1  # the environment overrides it
+    # OpenVINO's unpinned threads: every core for each worker, unless told
+    assert threads(2, openvino=True) == 4 and threads(8, openvino=True) == 4
+    assert threads(2, openvino=True, threads=3) == 3 and threads(2, {"MRL_THREADS": "1"}, openvino=True) == 1
     monkeypatch.setattr(cpus, "cpu_quota", lambda *a: 1.0)  # --cpus 1 on the 4-core node
-    assert threads(2) == 1 and threads(1) == 1
+    assert threads(2) == 1 and threads(1) == 1 and threads(2, openvino=True) == 1
 
 
 def test_the_block_an_archive_writes_parses_to_what_build_archive_was_asked(tiny_checkpoint, tmp_path, four_cores):
