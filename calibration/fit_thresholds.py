@@ -267,7 +267,10 @@ def openvino_programs(args: argparse.Namespace):
     ours = int8.for_thresholds(args.checkpoint, dest) if dest.exists() else None
     if ours is None:
         ours = int8.build(args.checkpoint, args.int8_data or args.data)
-    program = openvino_int8.build_openvino(args.checkpoint, ours.meta["data"], images=ours.meta["images"])
+    accuracy = (openvino_int8.accuracy_control(args.openvino_validation, max_drop=args.openvino_max_drop)
+                if args.openvino_validation else None)
+    program = openvino_int8.build_openvino(args.checkpoint, ours.meta["data"], images=ours.meta["images"],
+                                           accuracy=accuracy)
     return program, int8.compile_package(ours, package_batches(8))
 
 
@@ -295,12 +298,23 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{OPENVINO_SET}: OpenVINO's int8 program (calibration/openvino_int8.py), calibrated on the "
                         "int8 set's record in --out, with parity and its speed against our int8 on this CPU")
     p.add_argument("--int8-data", help="int8: the images that calibrate the quantizer (default: --data)")
+    p.add_argument("--openvino-validation", metavar="SPEC",
+                   help=f"{OPENVINO_SET}: NNCF's accuracy control on this data (not --data: e.g. the model's "
+                        "training split): quantized ops go back to float until the 2048-d agreement with fp32 "
+                        "there is within --openvino-max-drop, for a model whose plain int8 fails parity")
+    p.add_argument("--openvino-max-drop", type=float, default=0.004,
+                   help="accuracy control's allowed drop of that agreement (default 0.004)")
     p.add_argument("--add", action="store_true",
                    help="add this numerics mode's set to the --out file (replacing a set of the same mode)")
     p.add_argument("--no-cache", action="store_true")
     args = p.parse_args(argv)
     if args.numerics and is_capture(args.data):
         p.error("captured traffic was served in one numerics mode, which it records: drop --numerics")
+    if args.openvino_validation and args.numerics != OPENVINO_SET:
+        p.error(f"--openvino-validation applies to --numerics {OPENVINO_SET} only")
+    if args.openvino_validation == args.data:
+        p.error("--openvino-validation must not be --data: the holdout that measures parity would choose "
+                "which layers stay in float")
     cache = None if args.no_cache else DEFAULT_CACHE
     if is_capture(args.data) and not args.unlabeled:
         p.error("captured traffic has no labels: add --unlabeled (every point is then fit against the "
@@ -331,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.numerics == OPENVINO_SET:  # a set of its own, beside our int8's
         doc["meta"]["numerics"] = OPENVINO_SET
         doc["meta"]["int8_program"]["runtime"] = "openvino"
+        if "accuracy_control" in program.meta:  # how to rebuild it (openvino_int8.for_thresholds)
+            doc["meta"]["int8_program"]["accuracy_control"] = program.meta["accuracy_control"]
     if program is not None:
         fp32 = collect(args.checkpoint, args.data, graph=args.graph, cache_dir=cache, numerics="fp32")
         doc["meta"]["parity"] = parity_with_fp32(out, fp32, scored, args)

@@ -108,12 +108,13 @@ def forward_spec(checkpoint: str | Path, spec: str, *, graph: str = "jit", numer
     batch_size = min(batch_size, len(data), 64 if int8 else len(data))  # the program's batch bound
     mode = "int8" if int8 else card.numerics if emulate else resolve_numerics(card.numerics)
     engine = Engine(model, numerics=mode, graph=graph, input_size=card.preprocessing.crop,
-                    batch_sizes=(batch_size,), emulate=emulate, int8_program=int8_program)
+                    batch_sizes=(batch_size,), emulate=emulate, int8_program=int8_program,
+                    preprocessing=card.preprocessing)
     normalize = Normalizer(card.preprocessing)
     bar = tqdm(total=len(data), desc=f"forward {spec}", unit="img", disable=not progress, file=sys.stderr)
     for start in range(0, len(data), batch_size):
         idx = range(start, min(start + batch_size, len(data)))
-        probs, emb = engine(normalize([crop_image(data[i][0], card.preprocessing) for i in idx]))
+        probs, emb = engine(engine.model_input([crop_image(data[i][0], card.preprocessing) for i in idx], normalize))
         bar.update(len(idx))
         yield probs, emb, data
     bar.close()

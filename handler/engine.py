@@ -11,7 +11,9 @@ calibration/int8.py and loaded by handler/quantize.py, with fp32 heads), the mem
 * ``aoti``    int8 only: the quantized backbone compiled ahead of time (AOTInductor), loaded;
 * ``openvino`` int8 only, given a ``handler.quantize.OpenVINOProgram``: the whole serving module
               (NNCF int8 backbone, float heads, softmax) run by OpenVINO, one static graph per batch
-              size (issue #36; ``handler.numerics.choose_runtime`` says when; off unless asked for).
+              size, taking the uint8 crops and normalizing them in its graph where given the
+              preprocessing (issue #36; ``handler.numerics.choose_runtime`` says when; off unless
+              asked for).
 
 The same code runs on CUDA when given a CUDA device. Calibration and evaluation use ``Engine``
 too, so thresholds are fit with the numerics that serve.
@@ -26,12 +28,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from handler import numerics as numerics_mod
 from handler.model import MRLResNet50
+from handler.preprocess import Normalizer, Preprocessing
 from handler.quantize import load_backbone, load_package, package_batches, usable_package
 
 log = logging.getLogger(__name__)
@@ -71,25 +75,42 @@ OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
 
 
 class _OpenVINOServing:
-    """An OpenVINO program compiled once per static batch size in ``sizes`` (the threads this
-    process uses, the LATENCY hint); a batch runs on the smallest graph that holds it, zero-padded,
-    and a batch above the largest in chunks, as the AOTInductor package does."""
+    """An OpenVINO program compiled once per static batch size in ``sizes`` (``threads``, the
+    LATENCY hint); a batch runs on the smallest graph that holds it, zero-padded, and a batch above
+    the largest in chunks, as the AOTInductor package does.
 
-    def __init__(self, program, sizes: Sequence[int], input_size: int, threads: int) -> None:
+    With ``preprocessing`` the graphs take the uint8 crops as decoded, (B, H, W, 3), and normalize
+    them in OpenVINO's own preprocessing steps, on its threads: no float batch is built in Python
+    and no channels_last-to-NCHW copy is made (the IR and its fingerprint stay as built)."""
+
+    def __init__(self, program, sizes: Sequence[int], input_size: int, threads: int,
+                 preprocessing: Preprocessing | None = None) -> None:
         import openvino as ov
 
         core = ov.Core()
         model = core.read_model(str(program.path))
+        shape = [3, input_size, input_size]
+        if preprocessing is not None:
+            from openvino.preprocess import PrePostProcessor
+
+            ppp = PrePostProcessor(model)
+            ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+            ppp.input().model().set_layout(ov.Layout("NCHW"))
+            # (x - 255 mean) / (255 std) == (x / 255 - mean) / std, as Normalizer computes it
+            ppp.input().preprocess().convert_element_type(ov.Type.f32) \
+                .mean([255.0 * m for m in preprocessing.mean]).scale([255.0 * s for s in preprocessing.std])
+            model = ppp.build()
+            shape = [input_size, input_size, 3]
         self.sizes, self.requests = sorted(set(sizes)), {}
         for b in self.sizes:
             m = model.clone()
-            m.reshape({m.inputs[0]: [b, 3, input_size, input_size]})
+            m.reshape({m.inputs[0]: [b, *shape]})
             compiled = core.compile_model(m, "CPU", {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads})
             self.requests[b] = (compiled.create_infer_request(), compiled.outputs)
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         request, outputs = self.requests[len(x)]
-        out = request.infer(x.contiguous().numpy(), share_inputs=True)
+        out = request.infer(x.numpy() if x.is_contiguous() else x.contiguous().numpy(), share_inputs=True)
         # copies: the request reuses its output buffers on the next call
         return torch.from_numpy(out[outputs[0]].copy()), torch.from_numpy(out[outputs[1]].copy())
 
@@ -114,7 +135,8 @@ class Engine:
                  graph: str = "eager", input_size: int = 224, batch_sizes: Sequence[int] = (1,),
                  channels_last: bool = True, onednn_fusion: bool = True,
                  graph_cache: str | os.PathLike | None = None, cache_key: str = "", emulate: bool = False,
-                 int8_program=None, openvino_threads: int | None = None) -> None:
+                 int8_program=None, openvino_threads: int | None = None,
+                 preprocessing: Preprocessing | None = None) -> None:
         """``emulate``: run bf16 even where the device has no bf16 instructions (same rounding of
         weights and activations to bf16, fp32 accumulation, about 5x slower than fp32 on an AVX2
         CPU). For calibrating a bf16 set of thresholds on such a machine, never for serving.
@@ -124,7 +146,8 @@ class Engine:
         under torch.compile with inductor freezing (graph 'compile'), whatever ``graph`` says. Given
         a ``handler.quantize.OpenVINOProgram`` instead, OpenVINO runs it (graph 'openvino'): a
         ValueError where the openvino package is not installed. It runs on ``openvino_threads``
-        threads (default: torch's, as configured for this process)."""
+        threads (default: torch's, as configured for this process), and with ``preprocessing`` it
+        normalizes the uint8 crops itself: ``model_input`` gives each engine its batch."""
         if numerics not in ("fp32", "bf16", "int8"):
             raise ValueError(f"numerics must be 'fp32', 'bf16' or 'int8', got {numerics!r}")
         if numerics == "int8":
@@ -143,6 +166,7 @@ class Engine:
         self.graph_cached = False  # the frozen graph came from ``graph_cache`` (no trace this start)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autocast = numerics == "bf16"
+        self.fused_input = False  # OpenVINO with ``preprocessing``: uint8 crops in (model_input)
         module = Serving(model.eval().to(self.device, memory_format=self.memory_format)).eval()
         example = torch.zeros(max(batch_sizes), 3, input_size, input_size, device=self.device
                               ).to(memory_format=self.memory_format)
@@ -150,7 +174,7 @@ class Engine:
         with torch.inference_mode():
             if numerics == "int8" and getattr(int8_program, "runtime", "torch") == "openvino":
                 module = self._openvino_module(int8_program, batch_sizes, input_size,
-                                               openvino_threads or torch.get_num_threads())
+                                               openvino_threads or torch.get_num_threads(), preprocessing)
             elif numerics == "int8":
                 module = self._int8_module(model, int8_program)
             elif graph == "jit":
@@ -181,7 +205,8 @@ class Engine:
         # Where a worker's start goes (logged by the TorchServe handler; bench/recovery.py reads it).
         self.timings = {"graph_s": t1 - t0, "warm_up_s": time.perf_counter() - t1}
 
-    def _openvino_module(self, program, batch_sizes: Sequence[int], input_size: int, threads: int) -> _OpenVINOServing:
+    def _openvino_module(self, program, batch_sizes: Sequence[int], input_size: int, threads: int,
+                         preprocessing: Preprocessing | None) -> _OpenVINOServing:
         if numerics_mod.openvino_versions() is None:
             raise ValueError("this int8 program runs on OpenVINO, which is not installed: pip install openvino (setup/runtime.txt)")
         if program.meta.get("input_size", input_size) != input_size:
@@ -189,7 +214,8 @@ class Engine:
                              f"inputs, this model {input_size}px")
         self.graph = "openvino"
         sizes = {*package_batches(max(batch_sizes)), *batch_sizes}
-        return _OpenVINOServing(program, sizes, input_size, threads)
+        self.fused_input = preprocessing is not None
+        return _OpenVINOServing(program, sizes, input_size, threads, preprocessing)
 
     def _int8_module(self, model: MRLResNet50, program) -> nn.Module:
         """The program's AOTInductor package where it was compiled for this CPU (loads in about a
@@ -260,13 +286,35 @@ class Engine:
         """Run each serving batch size once (twice for jit: its profiling executor optimizes on
         the second call), so that no user request pays for compilation."""
         for b in batch_sizes:
-            x = torch.zeros(b, 3, input_size, input_size, device=self.device).to(memory_format=self.memory_format)
+            x = self.example(b, input_size, random=False)
             for _ in range(2 if self.graph == "jit" else 1):
                 self(x)
 
+    def model_input(self, crops: list[np.ndarray], normalize: Normalizer) -> torch.Tensor:
+        """A batch of uint8 crops (``crop_image``) as this engine takes it: normalized floats in
+        ``memory_format`` (``normalize``), or, where OpenVINO normalizes in its graph
+        (``fused_input``), the crops stacked as uint8 (B, H, W, 3), grayscale replicated."""
+        if not self.fused_input:
+            return normalize(crops)
+        batch = np.stack(crops)
+        if batch.ndim == 3:  # grayscale (B, H, W): the same pixel in each channel, as Normalizer
+            batch = np.repeat(batch[..., None], 3, axis=-1)
+        return torch.from_numpy(batch)
+
+    def example(self, batch: int, input_size: int, *, random: bool = True) -> torch.Tensor:
+        """A batch of ``batch`` inputs of this engine's kind (random or zeros), for warm-up and timing."""
+        if self.fused_input:
+            shape = (batch, input_size, input_size, 3)
+            return torch.randint(0, 256, shape, dtype=torch.uint8) if random else torch.zeros(shape, dtype=torch.uint8)
+        x = torch.randn(batch, 3, input_size, input_size) if random else torch.zeros(batch, 3, input_size, input_size)
+        return x.to(self.device, memory_format=self.memory_format)
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) normalized images -> ((B, S, C) probabilities, (B, 2048) embedding), fp32."""
+        """(B, 3, H, W) normalized images -> ((B, S, C) probabilities, (B, 2048) embedding), fp32;
+        with ``fused_input`` (B, H, W, 3) uint8 crops (``model_input``)."""
+        if self.fused_input:
+            return self.module(x)
         with self._autocast():
             probs, emb = self.module(x.to(self.device, memory_format=self.memory_format, non_blocking=True))
         return probs, emb

@@ -76,7 +76,7 @@ class MRLService:
                              input_size=card.preprocessing.crop, batch_sizes=batch_sizes,
                              channels_last=channels_last, onednn_fusion=onednn_fusion,
                              graph_cache=graph_cache, cache_key=checkpoint_sha256 or "", int8_program=int8_program,
-                             openvino_threads=openvino_threads)
+                             openvino_threads=openvino_threads, preprocessing=card.preprocessing)
         self.normalize = Normalizer(card.preprocessing, device)
         # One threshold row per operating point and per fixed dim, built once, indexed per request.
         rows = {name: list(t) for name, t in points.points.items()}
@@ -201,7 +201,7 @@ class MRLService:
 
         if crops:
             try:
-                probs, emb = self.engine(self.normalize(crops))
+                probs, emb = self.engine(self.engine.model_input(crops, self.normalize))
                 t2 = time.perf_counter()
                 answers, result = self._answer(probs, emb, opts)
                 t3 = time.perf_counter()

@@ -3,6 +3,7 @@ of a thresholds set that failed parity, the fallback without the openvino packag
 NNCF-quantized program served through MRLService with the cascade unchanged."""
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,13 +89,21 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     one = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
                        batch_sizes=(1,), openvino_threads=1).engine.module.requests[1][0].get_compiled_model()
     assert one.get_property("INFERENCE_NUM_THREADS") == 1
-    x = torch.randn(11, 3, 32, 32)
+    # the demo's crops are grayscale (H, W) uint8; OpenVINO takes them as (B, H, W, 3) and normalizes
+    crops = [np.random.default_rng(i).integers(0, 256, (32, 32), dtype=np.uint8) for i in range(11)]
+    x = svc.engine.model_input(crops, svc.normalize)
+    assert svc.engine.fused_input and x.dtype == torch.uint8 and x.shape == (11, 32, 32, 3)
     probs, emb = svc.engine(x)
     assert probs.shape == (11, len(card.nesting), 10) and emb.shape == (11, 2048)
     # padding and chunks change nothing: 11 = 8 + 3 (run on the batch-4 graph, zero-padded)
     p8, _ = svc.engine(x[:8])
-    p4, _ = svc.engine(torch.cat([x[8:], torch.zeros(1, 3, 32, 32)]))
+    p4, _ = svc.engine(torch.cat([x[8:], torch.zeros_like(x[:1])]))
     assert torch.equal(probs[:8], p8) and torch.equal(probs[8:], p4[:3])
+    # normalizing in OpenVINO's graph computes what Normalizer's floats give the same program
+    floats = Engine(model, numerics="int8", int8_program=program, input_size=32, batch_sizes=(8,))
+    assert not floats.fused_input and svc.engine.example(2, 32).shape == (2, 32, 32, 3)
+    p_float, e_float = floats(floats.model_input(crops, svc.normalize))
+    assert torch.allclose(p_float, probs, atol=1e-4) and torch.allclose(e_float, emb, rtol=1e-3, atol=1e-3)
     # the same request path as any engine: 8 test images answered at the fixed 2048-d point, and as
     # fp32 answers them (the demo model is sure of these; calibrated on only 16 images here)
     bodies = demo_inputs(8)
@@ -156,3 +165,41 @@ def test_from_dir_serves_openvino_under_auto_with_its_own_set_and_refuses_anothe
     other, _ = _model_folder(tmp_path / "other", program, fingerprint="0" * 64)
     with pytest.raises(ValueError, match=f"the {OPENVINO_SET} thresholds were fit on OpenVINO program 0000"):
         MRLService.from_dir(other, numerics="int8", runtime="openvino", graph_cache=False)
+
+
+def test_an_accuracy_controlled_build_is_its_own_program_and_its_record_rebuilds_it(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import functools
+    import json
+
+    from handler.thresholds import numerics_sets
+
+    cache = tmp_path / "cache"
+    plain = openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=cache)
+    control = openvino_int8.accuracy_control("fashion-mnist:train", images=32, max_drop=0.004)
+    program = openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=cache, accuracy=control)
+    assert program.path != plain.path and "accuracy_control" not in plain.meta
+    record = program.meta["accuracy_control"]
+    assert {k: record[k] for k in control} == control and 0 < record["fake_quantize_ops"]
+    # a thresholds set that records it rebuilds this program, not the plain one
+    doc = json.loads(open("model_store/fashion_mnist/thresholds.json").read())
+    ov_set = numerics_sets(doc)[OPENVINO_SET]
+    ov_set["meta"]["int8_program"] = {"data": "fashion-mnist:holdout", "images": 16, "fingerprint": program.fingerprint,
+                                      "runtime": "openvino", "accuracy_control": record}
+    (tmp_path / "thresholds.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(openvino_int8, "build_openvino", functools.partial(openvino_int8.build_openvino, cache=cache))
+    assert openvino_int8.for_thresholds(DEMO, tmp_path / "thresholds.json").path == program.path
+    with pytest.raises(ValueError, match="max_drop"):
+        openvino_int8.accuracy_control("fashion-mnist:train", max_drop=0)
+
+
+def test_fit_thresholds_refuses_accuracy_control_on_the_parity_holdout():
+    from calibration import fit_thresholds
+
+    with pytest.raises(SystemExit):
+        fit_thresholds.main(["--checkpoint", str(DEMO), "--data", "fashion-mnist:holdout", "--out", "/nonexistent/t.json",
+                             "--numerics", OPENVINO_SET, "--openvino-validation", "fashion-mnist:holdout"])
+    with pytest.raises(SystemExit):
+        fit_thresholds.main(["--checkpoint", str(DEMO), "--data", "fashion-mnist:holdout", "--out", "/nonexistent/t.json",
+                             "--numerics", "int8", "--openvino-validation", "fashion-mnist:train"])
