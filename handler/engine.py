@@ -71,7 +71,9 @@ class _QuantizedServing(nn.Module):
 # its stream's threads to the first cores of the process's affinity, the same cores in every worker,
 # so two single-thread workers ran on one core (2026-12-07, AMD EPYC: 24 + 24 img/s pinned, 49 + 49
 # unpinned, batch 8, ImageNet size); the workers share the cores with each other and with decoding.
-OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+# What NNCF left in float runs in f32 (heads, and what accuracy control put back), as in our int8:
+# OpenVINO's default on a CPU with bf16 is bf16, so the parity a set records would depend on the CPU.
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"}
 
 
 class _OpenVINOServing:

@@ -85,6 +85,7 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     # unpinned, on the threads asked for: pinned, every worker's threads went to the same first cores
     compiled = [request.get_compiled_model() for request, _ in svc.engine.module.requests.values()]
     assert [c.get_property("ENABLE_CPU_PINNING") for c in compiled] == [False] * 4
+    assert {str(c.get_property("INFERENCE_PRECISION_HINT")) for c in compiled} == {"<Type: 'float32'>"}
     assert {c.get_property("INFERENCE_NUM_THREADS") for c in compiled} == {torch.get_num_threads()}
     one = MRLService(model, card, OperatingPoints.fixed(card.nesting), numerics="int8", int8_program=program,
                        batch_sizes=(1,), openvino_threads=1).engine.module.requests[1][0].get_compiled_model()
