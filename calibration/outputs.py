@@ -24,7 +24,7 @@ from tqdm import tqdm
 from calibration.int8 import RECORD
 from handler.capture import read_capture
 from handler.checkpoint import file_sha256, load_mrl_resnet50, read_checkpoint
-from handler.engine import Engine, configure_threads
+from handler.engine import OPENVINO_CONFIG, Engine, configure_threads
 from handler.numerics import resolve_numerics
 from handler.preprocess import Normalizer, crop_image
 from imagedata.specs import load_spec
@@ -142,7 +142,10 @@ def collect(checkpoint: str | Path, spec: str, *, graph: str = "jit", numerics: 
             **({"data_files_sha256": files} if (files := folder_fingerprint(spec)) else {}),
             **({"emulated": True} if emulate else {}),
             **({"int8_program": {k: int8_program.meta[k] for k in RECORD}}
-               if int8 else {})}
+               if int8 else {}),
+            # how OpenVINO runs its program (precision, input) changes its outputs, not its fingerprint
+            **({"openvino": {"config": OPENVINO_CONFIG, "input": "uint8"}}
+               if int8 and getattr(int8_program, "runtime", "torch") == "openvino" else {})}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir / f"outputs-{key}.npz" if cache_dir else None
     if cached and cached.exists():
