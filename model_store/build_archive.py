@@ -43,7 +43,7 @@ maxBatchDelay: {batch_delay}     # ms a partial batch waits for company; a lone 
 responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a stuck worker
 {queue}handler:
   graph: {graph}           # eager | jit (traced + frozen) | compile (inductor + freezing)
-  threads: {threads}            # intra-op threads per worker; 0 = the cores in its affinity / workers
+  threads: {threads}            # intra-op threads per worker; 0 = the cores it may use / workers (OpenVINO: all)
   channels_last: {channels_last}   # NHWC activations (oneDNN's fast layout on CPU)
   jpeg_draft: {jpeg_draft}      # let libjpeg decode at a reduced scale before resizing
   onednn_fusion: {onednn_fusion}   # jit on CPU: oneDNN Graph fuses conv/add/relu partitions
