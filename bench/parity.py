@@ -22,7 +22,7 @@ import torch
 from bench.harness import DEMO, ROOT, header, save_report
 from calibration.methods import exits
 from calibration.outputs import DEFAULT_CACHE, Outputs, collect
-from handler.numerics import bf16_supported
+from handler.numerics import OPENVINO_SET, bf16_supported
 from handler.thresholds import SETS_SCHEMA, load_thresholds, numerics_sets
 
 AGREEMENT_TARGET = 0.995   # bf16: top-1 agreement with fp32 (issue 6, acceptance 2)
@@ -80,12 +80,12 @@ def int8_parity(args, cache) -> dict:
         "forward_cached": {"fp32": fp32.meta["cached"], "int8": int8.meta["cached"]}})
 
 
-def _against_fp32(args, fp32, other, mode: str, fields: dict) -> dict:
+def _against_fp32(args, fp32, other, mode: str, fields: dict, other_set: str = "int8") -> dict:
     """The report of an int8 engine against fp32: each read with its thresholds set (fp32's, and
-    the int8 set for both int8 engines), with int8's limits as checks."""
+    ``other_set`` for the int8 engine), with int8's limits as checks."""
     load = lambda numerics: load_thresholds(args.thresholds, nesting=fp32.nesting,  # noqa: E731
                                             checkpoint_sha256=fp32.meta["checkpoint_sha256"], numerics=numerics)
-    ops32, ops8 = load("fp32"), load("int8")
+    ops32, ops8 = load("fp32"), load(other_set)
     report = {"mode": mode, **header("bench.parity", None), "checkpoint": args.checkpoint,
               "data": args.data, **fields, **parity(fp32, other, ops32.points, ops8.points, mode=mode)}
     full, default = str(fp32.nesting[-1]), ops8.default
@@ -96,10 +96,9 @@ def _against_fp32(args, fp32, other, mode: str, fields: dict) -> dict:
 
 
 def openvino_parity(args, cache) -> dict:
-    """OpenVINO's int8 (NNCF on the thresholds' int8 calibration set, calibration/openvino_int8.py) against
-    fp32 (issue #36, acceptance 3), with int8's limits. The engine has no thresholds set of its own
-    yet (calibration/fit_thresholds.py does not fit one), so its cascade is read with the int8 set,
-    fit on our int8 program's outputs: what serving it with that set would do."""
+    """OpenVINO's int8 against fp32 (issue #36, acceptance 3), with int8's limits: the program of the
+    thresholds' openvino-int8 set, read with that set, as a worker serves it; where the file has no
+    such set, plain NNCF on the int8 set's calibration record, read with the int8 set."""
     from calibration import openvino_int8
 
     doc = json.loads(Path(args.thresholds).read_text())
@@ -107,15 +106,18 @@ def openvino_parity(args, cache) -> dict:
     fit = sets.get("int8", {}).get("meta", {}).get("int8_program")
     if not fit or "fp32" not in sets:
         raise SystemExit(f"{args.thresholds} needs an fp32 and an int8 set (the int8 record names the calibration data)")
+    own = OPENVINO_SET in sets
     try:
-        program = openvino_int8.build_openvino(args.checkpoint, fit["data"], images=fit["images"])
+        program = (openvino_int8.for_thresholds(args.checkpoint, args.thresholds) if own else
+                   openvino_int8.build_openvino(args.checkpoint, fit["data"], images=fit["images"]))
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     fp32 = collect(args.checkpoint, args.data, numerics="fp32", cache_dir=cache)
     ov = collect(args.checkpoint, args.data, numerics="int8", int8_program=program, cache_dir=None)
+    used = OPENVINO_SET if own else "int8"
     return _against_fp32(args, fp32, ov, "openvino-int8", {
-        "thresholds_numerics": "fp32's set on fp32, the int8 set on OpenVINO", "graph": "jit / openvino",
-        "openvino_program": program.meta})
+        "thresholds_numerics": f"fp32's set on fp32, the {used} set on OpenVINO", "graph": "jit / openvino",
+        "openvino_program": program.meta}, other_set=used)
 
 
 def main(argv: list[str] | None = None) -> dict:

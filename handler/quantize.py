@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +162,15 @@ class OpenVINOProgram:
 
 
 def ir_fingerprint(xml: Path) -> str:
-    h = hashlib.sha256()
-    for f in (xml, xml.with_suffix(".bin")):
-        h.update(f.read_bytes())
+    """What an OpenVINO IR computes: its weights (.bin) and its graph (.xml) without op names and
+    runtime info. OpenVINO names the ops a conversion creates from a process-wide counter (and NNCF
+    keeps some of those names in the runtime info), so the same program built in another process,
+    after other conversions, differs in those bytes only."""
+    text = xml.read_text()
+    text = re.sub(r"<rt_info>.*?</rt_info>", "", text, flags=re.S)
+    text = re.sub(r'(<net|<layer [^>]*?) name="[^"]*"', r"\1", text)
+    h = hashlib.sha256(text.encode())
+    h.update(xml.with_suffix(".bin").read_bytes())
     return h.hexdigest()
 
 

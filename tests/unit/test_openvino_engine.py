@@ -183,6 +183,18 @@ def test_an_accuracy_controlled_build_is_its_own_program_and_its_record_rebuilds
     assert program.path != plain.path and "accuracy_control" not in plain.meta
     record = program.meta["accuracy_control"]
     assert {k: record[k] for k in control} == control and 0 < record["fake_quantize_ops"]
+    assert isinstance(record["float_ops"], dict)  # what the search left in float (on 32 sure images: maybe none)
+    # a plain rebuild ignores the recorded ops: with the stem convolution in float, fewer quantizers
+    stem = openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=cache,
+                                        accuracy={**control, "float_ops": {"Convolution": [0]}})
+    plain_fq = plain.path.read_text().count('type="FakeQuantize"')
+    assert stem.meta["accuracy_control"]["fake_quantize_ops"] < plain_fq and stem.fingerprint != plain.fingerprint
+    # built again after all those conversions (OpenVINO's op counter moved on): the same bytes
+    again = openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=tmp_path / "again")
+    assert again.fingerprint == plain.fingerprint
+    with pytest.raises(ValueError, match="no op at some of the recorded float positions"):
+        openvino_int8.build_openvino(DEMO, "fashion-mnist:holdout", images=16, cache=cache,
+                                     accuracy={**control, "float_ops": {"Convolution": [999]}})
     # a thresholds set that records it rebuilds this program, not the plain one
     doc = json.loads(open("model_store/fashion_mnist/thresholds.json").read())
     ov_set = numerics_sets(doc)[OPENVINO_SET]
