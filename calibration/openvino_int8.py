@@ -94,6 +94,7 @@ def build_openvino(checkpoint: str | Path, spec: str, *, images: int = CALIBRATI
     model, card = load_mrl_resnet50(checkpoint, numerics="fp32")
     size = card.preprocessing.crop
     batches = [x.contiguous().numpy() for x in calibration_batches(card, spec, images)]
+
     def convert():
         return ov.convert_model(Serving(model.float().eval()), example_input=torch.zeros(1, 3, size, size))
 
