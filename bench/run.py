@@ -55,6 +55,7 @@ from bench.harness import (
     write_report,
 )
 from handler.checkpoint import load_mrl_resnet50
+from handler.cpus import cpu_budget
 from handler.engine import configure_threads
 from handler.numerics import OPENVINO_SET, choose_numerics, choose_runtime, resolve_numerics
 from handler.service import MRLService
@@ -76,11 +77,12 @@ def peak_gflops(dtype: torch.dtype, sizes=PEAK_SIZES, repeat: int = 10) -> float
 
 
 def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repeat: int, int8_program=None) -> dict:
-    """In-process: decode + preprocess + backbone + cascade per batch, and the backbone alone."""
+    """In-process: decode + preprocess + backbone + cascade per batch, and the backbone alone; a
+    batch's images decoded on every core, as a worker decodes them (handler/settings.py)."""
     model, card = load_mrl_resnet50(ckpt, numerics="fp32" if mode["numerics"] == "int8" else None)
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), graph=mode["graph"],
                      batch_sizes=batch_sizes, channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"],
-                     numerics=mode["numerics"], int8_program=int8_program)
+                     numerics=mode["numerics"], int8_program=int8_program, decode_threads=cpu_budget())
     threads = torch.get_num_threads()
     svc.engine.release_cores()  # as a worker does (handler/ts_handler.py)
     out = {}

@@ -115,6 +115,18 @@ def crop_image(img: Image.Image, spec: Preprocessing, *, draft: bool = True) -> 
         raise InputError(f"image data is corrupt or truncated: {exc}", reason="decode") from None
 
 
+def pixels_to_decode(img: Image.Image, spec: Preprocessing, *, draft: bool = True) -> int:
+    """How many pixels ``crop_image`` will decode for an opened image (``decode_image``): the
+    whole image, or for a JPEG with ``draft`` the reduced scale libjpeg decodes at (Pillow's
+    draft: the largest of 1/8, 1/4, 1/2 that still covers (resize, resize))."""
+    w, h = img.size
+    if draft and img.format == "JPEG":
+        fit = min(w // spec.resize, h // spec.resize)
+        scale = next(s for s in (8, 4, 2, 1) if fit >= s or s == 1)
+        return -(-w // scale) * -(-h // scale)
+    return w * h
+
+
 def decoded_bytes(img: Image.Image) -> int:
     """About how many bytes an image's decoded pixels take (after any JPEG draft): Pillow keeps
     1 byte a pixel for "1", "L" and "P", 2 for 16-bit and 4 for the rest (RGB included)."""

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from handler.preprocess import (
     crop_image,
     decode_image,
     decoded_bytes,
+    pixels_to_decode,
     release_freed_memory,
 )
 from handler.quantize import open_openvino, open_program
@@ -44,6 +46,9 @@ FIXED_DIM = "fixed_dim"  # operating_point reported (and used as metric label) f
 # funnel=exact scans every gallery item at 2048 dims (about 1.5 s a query at 100,000 items on 2
 # cores): any client could ask for it, so above this many items a server must enable it.
 EXACT_MAX_ITEMS = 10_000
+# A batch's images up to this many pixels to decode are decoded on ``decode_threads`` threads
+# (MRLService._decode); 4 MiB of pixels each at most, in Pillow's 4 bytes a pixel.
+PARALLEL_DECODE_PIXELS = 2**20
 
 
 class MRLService:
@@ -56,7 +61,9 @@ class MRLService:
                  capture: CaptureConfig | None = None, checkpoint_sha256: str | None = None,
                  gallery=None, graph_cache: str | Path | None = None, numerics: str | None = None,
                  int8_program=None, exact_max_items: int = EXACT_MAX_ITEMS,
-                 openvino_threads: int | None = None) -> None:
+                 openvino_threads: int | None = None, decode_threads: int = 1) -> None:
+        """``decode_threads``: how many of a batch's small images are decoded at once (``_decode``);
+        1 decodes them one after another in the calling thread."""
         if not isinstance(exact_max_items, int) or exact_max_items < 0:
             raise ValueError(f"exact_max_items must be an integer >= 0, got {exact_max_items!r}")
         self.exact_max_items = exact_max_items
@@ -64,6 +71,10 @@ class MRLService:
         self.nesting = card.nesting
         self.sink = sink or NullSink()
         self.max_pixels, self.jpeg_draft = max_pixels, jpeg_draft
+        if not isinstance(decode_threads, int) or decode_threads < 1:
+            raise ValueError(f"decode_threads must be an integer >= 1, got {decode_threads!r}")
+        self._decode_pool = (ThreadPoolExecutor(decode_threads, thread_name_prefix="mrl-decode")
+                             if decode_threads > 1 else None)
         numerics = numerics or resolve_numerics(card.numerics, device)
         self.numerics = numerics
         if numerics == "fp32" and card.numerics == "bf16" and not bf16_supported(torch.device(device)):
@@ -170,9 +181,8 @@ class MRLService:
                   default_point=self.points.default, num_classes=len(self.card.classes),
                   gallery_size=len(self.gallery) if self.gallery is not None else None)
         t0 = time.perf_counter()
-        largest = 0  # bytes of the largest decoded image (after a JPEG draft)
+        opened: list[tuple[int, Any, Options]] = []  # (item, its image with only the header read, options)
         for i, item in enumerate(items):
-            img = None
             try:
                 body = v2_body(item)  # parsed once: raw JSON bytes arrive from clients without a Content-Type
                 if body is not None:
@@ -182,18 +192,25 @@ class MRLService:
                     data, opt = parse_item(item, **kw, headers=headers[i] if headers else None,
                                            model_name=self.name)
                 self._check_search(opt)
-                img = decode_image(data, max_pixels=self.max_pixels)
-                crops.append(crop_image(img, self.card.preprocessing, draft=self.jpeg_draft))
-                opts.append(opt)
-                index.append(i)
+                opened.append((i, decode_image(data, max_pixels=self.max_pixels), opt))
             except InputError as exc:
                 out[i] = self._error(exc, v2=i in v2)
             except Exception:  # a fault of ours while reading this item: it alone gets a 500
                 log.exception("reading item %d of a batch of %d failed", i, len(items))
                 out[i] = self._internal_error("reading the request", v2=i in v2)
-            if img is not None:
-                largest = max(largest, decoded_bytes(img))
-        img = None  # the last image's pixels go before the forward pass
+        largest = 0  # bytes of the largest decoded image (after a JPEG draft)
+        for (i, _, opt), (crop, size, exc) in zip(opened, self._decode(opened)):
+            largest = max(largest, size)
+            if isinstance(exc, InputError):
+                out[i] = self._error(exc, v2=i in v2)
+            elif exc is not None:
+                log.error("decoding item %d of a batch of %d failed", i, len(items), exc_info=exc)
+                out[i] = self._internal_error("reading the request", v2=i in v2)
+            else:
+                crops.append(crop)
+                opts.append(opt)
+                index.append(i)
+        opened.clear()  # nothing decoded is left: _decode closed each image
         if largest > RELEASE_BYTES:  # one-off buffers back to the OS, not kept by SERVER_ENV's malloc
             release_freed_memory()
         t1 = time.perf_counter()
@@ -223,6 +240,38 @@ class MRLService:
             for outcome, n in self.capture.take_counts().items():
                 self.sink.emit("mrl_capture_records_total", n, (self.name, outcome))
         return out  # type: ignore[return-value]
+
+    def _decode(self, opened: Sequence[tuple[int, Any, Options]]) -> list[tuple[Any, int, BaseException | None]]:
+        """Decode and crop the opened images: per image (crop, decoded bytes, the exception that
+        failed it), in order. Each image is closed once cropped, so its pixels go at once.
+
+        Images of at most ``PARALLEL_DECODE_PIXELS`` to decode (a 224-pixel JPEG is 50,176; a 12
+        MP photo with JPEG draft 187,500) are decoded ``decode_threads`` at a time (Pillow lets go
+        of the GIL while it decodes and resamples), the larger ones afterwards, one at a time, as
+        before: at most ``decode_threads`` small images' pixels at once, never a large one beside
+        another."""
+        spec, draft = self.card.preprocessing, self.jpeg_draft
+
+        def one(img) -> tuple[Any, int, BaseException | None]:
+            crop, failed = None, None
+            try:
+                crop = crop_image(img, spec, draft=draft)
+            except Exception as exc:  # InputError: the client's; others: ours, logged by the caller
+                failed = exc
+            size = decoded_bytes(img)
+            img.close()
+            return crop, size, failed
+
+        small = [k for k, (_, img, _) in enumerate(opened)
+                 if pixels_to_decode(img, spec, draft=draft) <= PARALLEL_DECODE_PIXELS]
+        results: list = [None] * len(opened)
+        if self._decode_pool is not None and len(small) > 1:
+            for k, r in zip(small, self._decode_pool.map(one, [opened[k][1] for k in small])):
+                results[k] = r
+        for k, (_, img, _) in enumerate(opened):
+            if results[k] is None:
+                results[k] = one(img)
+        return results
 
     def _refresh_gallery(self) -> None:
         """Serve a gallery rebuilt in place (retrieval/gallery.py builds a new version and switches atomically) from

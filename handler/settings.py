@@ -41,6 +41,9 @@ class WorkerSettings:
     # yield to the other workers' (2 workers on 2 cores, ImageNet size, AMD EPYC, 2026-12-07: one
     # client 18 ms against 28 with a core each, 16 clients 81-83 img/s against 80-85).
     openvino_threads: int = 0
+    # Derived, not a key: how many of a batch's small images are decoded at once (MRLService._decode),
+    # every core this worker may use: the decode runs between forward passes, when the cores are idle.
+    decode_threads: int = 1
 
     @classmethod
     def from_config(cls, model_config: Mapping, environ: Mapping[str, str] = os.environ) -> WorkerSettings:
@@ -49,7 +52,7 @@ class WorkerSettings:
         cores it may use (its cgroup's CPU quota or its affinity, handler/cpus.py, divided among the
         model's workers, so two workers under a 2-CPU limit do not each run a thread per core)."""
         block = dict(model_config.get("handler") or {})
-        known = {f.name for f in fields(cls)} - {"capture", "openvino_threads"}
+        known = {f.name for f in fields(cls)} - {"capture", "openvino_threads", "decode_threads"}
         unknown = set(block) - known - set(CAPTURE_KEYS)
         if unknown:
             raise ValueError(f"unknown handler setting(s) {sorted(unknown)} in model-config.yaml; "
@@ -69,7 +72,8 @@ class WorkerSettings:
         exact = values.get("exact_max_items")
         return cls(graph=str(values.get("graph", cls.graph)), numerics=str(values.get("numerics", cls.numerics)),
                    runtime=str(values.get("runtime", cls.runtime)), threads=threads,
-                   openvino_threads=openvino_threads, **{k: values[k] for k in _BOOLS if k in values},
+                   openvino_threads=openvino_threads, decode_threads=cpu_budget(),
+                   **{k: values[k] for k in _BOOLS if k in values},
                    gallery_dir=str(values["gallery_dir"]) if values.get("gallery_dir") else None,
                    exact_max_items=None if exact is None else _non_negative_int("exact_max_items", exact),
                    capture=CaptureConfig.from_settings(block))

@@ -66,7 +66,7 @@ class MRLHandler:
             capture=settings.capture, gallery_dir=settings.gallery_dir,
             **({"exact_max_items": settings.exact_max_items} if settings.exact_max_items is not None else {}),
             graph_cache=settings.graph_cache, numerics=settings.numerics, runtime=settings.runtime,
-            openvino_threads=settings.openvino_threads)
+            openvino_threads=settings.openvino_threads, decode_threads=settings.decode_threads)
         self.service.engine.release_cores()  # OpenVINO: ``threads`` are its own, torch keeps one
         if self.service.engine.graph == "openvino":
             threads = settings.openvino_threads

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from handler.checkpoint import IMAGENET_PREPROCESSING
-from handler.preprocess import Preprocessing, crop_image, decode_image
+from handler.preprocess import Preprocessing, crop_image, decode_image, decoded_bytes, pixels_to_decode
 from model_store.serve import SERVER_ENV
 from tests.conftest import ROOT, encode
 
@@ -51,7 +51,7 @@ def test_an_rgba_crop_equals_compositing_onto_white_first(spec):
 PROBE = r"""
 import gc, json, sys
 from PIL import Image
-from handler.preprocess import Preprocessing, crop_image, decode_image
+from handler.preprocess import Preprocessing, crop_image, decode_image, decoded_bytes, pixels_to_decode
 import handler.preprocess as pre
 def rss():
     for line in open("/proc/self/status"):
@@ -88,3 +88,14 @@ def test_a_small_16_bit_png_of_10_megapixels_neither_peaks_nor_stays_under_serve
     got = json.loads(out.stdout)
     # 10 MP of 16-bit pixels are 19 MiB: decoded once, never copied at full size, handed back.
     assert got["peak"] < 60 and got["held"] < 40, got  # below RELEASE_BYTES it may stay: at most 32 MiB
+
+
+@pytest.mark.parametrize("size, fmt", [((224, 224), "JPEG"), ((4000, 3000), "JPEG"), ((2100, 513), "JPEG"),
+                                       ((600, 400), "JPEG"), ((300, 200), "PNG")])
+def test_pixels_to_decode_is_what_crop_image_decodes(size, fmt):
+    """The count the service sorts a batch's images by (handler/service.py, PARALLEL_DECODE_PIXELS)
+    is the pixels the decode holds, the JPEG draft's reduced scale included."""
+    img = decode_image(encode(Image.new("RGB", size, (90, 120, 30)), fmt))
+    expected = pixels_to_decode(img, IMAGENET_PREPROCESSING)
+    crop_image(img, IMAGENET_PREPROCESSING)
+    assert decoded_bytes(img) == 4 * expected

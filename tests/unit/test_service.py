@@ -1,5 +1,6 @@
 """The serving pipeline in-process: responses, options, batching independence and exact metrics."""
 import base64
+import threading
 
 import pytest
 from PIL import Image
@@ -10,7 +11,7 @@ from handler.checkpoint import load_mrl_resnet50
 from handler.metrics import PrometheusSink
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints
-from tests.corpus import encode
+from tests.corpus import encode, gradient
 from tests.unit.test_oip import v2
 
 FIELDS = {"label", "class_index", "confidence", "embedding_dim", "sizes_tried", "operating_point", "top_k"}
@@ -101,6 +102,43 @@ def test_an_unexpected_fault_reading_one_item_fails_that_item_alone(tiny_checkpo
     errors = {r: registry.get_sample_value("mrl_request_errors_total", {"model_name": "m", "reason": r})
               for r in ("internal", "empty")}
     assert errors == {"internal": 2, "empty": 1}
+
+
+def test_decoding_on_threads_answers_as_one_thread_and_keeps_large_images_to_the_caller(tiny_checkpoint,
+                                                                                      monkeypatch):
+    """decode_threads=2: a batch's small images are cropped on the pool's threads, a large one in
+    the calling thread after them (never two large images' pixels at once); every image is closed
+    once cropped; the answers, and a truncated JPEG's 400, are those of one thread."""
+    real, seen = service_module.crop_image, []
+
+    def crop(img, spec, **kw):
+        seen.append((img, img.size, threading.current_thread().name))
+        return real(img, spec, **kw)
+
+    monkeypatch.setattr(service_module, "crop_image", crop)
+    monkeypatch.setattr(service_module, "PARALLEL_DECODE_PIXELS", 40 * 30)
+    model, card = load_mrl_resnet50(tiny_checkpoint)
+    one, two = (MRLService(model, card, OperatingPoints.fixed(card.nesting), name="m", decode_threads=n)
+                for n in (1, 2))
+    small = [encode(gradient(seed=s), "JPEG") for s in range(3)]
+    batch = [{"body": small[0]}, {"body": encode(gradient(80, 60), "PNG")}, {"body": small[1][:-100]},
+             {"body": small[1]}, {"body": small[2]}]
+    want = one.handle(batch)
+    seen.clear()
+    got = two.handle(batch)
+    assert [s for s, _ in got] == [s for s, _ in want] == [200, 200, 400, 200, 200]
+    assert "corrupt or truncated" in got[2][1]["message"]  # failed in the pool, not at the header
+    for (_, a), (_, b) in zip(want, got):
+        assert (a.get("label"), a.get("embedding_dim")) == (b.get("label"), b.get("embedding_dim"))
+        assert a.get("confidence", 0) == pytest.approx(b.get("confidence", 0), abs=1e-6)
+    where = [(size, name.startswith("mrl-decode")) for _, size, name in seen]
+    assert sorted(where) == [((40, 30), True)] * 4 + [((80, 60), False)]
+    assert where[-1] == ((80, 60), False)  # after the pool's
+    for img, *_ in seen:
+        with pytest.raises(ValueError, match="closed"):
+            img.im  # noqa: B018
+    with pytest.raises(ValueError, match="decode_threads"):
+        MRLService(model, card, OperatingPoints.fixed(card.nesting), decode_threads=0)
 
 
 def test_a_failed_forward_answers_500_for_its_items_and_keeps_the_bad_items_400(tiny_checkpoint, gray_png,

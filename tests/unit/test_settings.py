@@ -30,8 +30,11 @@ def test_workers_of_one_model_share_the_cores_unless_told(four_cores, monkeypatc
     # OpenVINO's unpinned threads: every core for each worker, unless told
     assert threads(2, openvino=True) == 4 and threads(8, openvino=True) == 4
     assert threads(2, openvino=True, threads=3) == 3 and threads(2, {"MRL_THREADS": "1"}, openvino=True) == 1
+    # a batch's images are decoded on every core the worker may use, whatever the threads
+    assert WorkerSettings.from_config({"maxWorkers": 2, "handler": {"threads": 1}}).decode_threads == 4
     monkeypatch.setattr(cpus, "cpu_quota", lambda *a: 1.0)  # --cpus 1 on the 4-core node
     assert threads(2) == 1 and threads(1) == 1 and threads(2, openvino=True) == 1
+    assert WorkerSettings.from_config({"maxWorkers": 2}).decode_threads == 1
 
 
 def test_the_block_an_archive_writes_parses_to_what_build_archive_was_asked(tiny_checkpoint, tmp_path, four_cores):
