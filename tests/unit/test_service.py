@@ -106,17 +106,19 @@ def test_an_unexpected_fault_reading_one_item_fails_that_item_alone(tiny_checkpo
 
 def test_decoding_on_threads_answers_as_one_thread_and_keeps_large_images_to_the_caller(tiny_checkpoint,
                                                                                       monkeypatch):
-    """decode_threads=2: a batch's small images are cropped on the pool's threads, a large one in
-    the calling thread after them (never two large images' pixels at once); every image is closed
-    once cropped; the answers, and a truncated JPEG's 400, are those of one thread."""
+    """decode_threads=2: a batch's small images are cropped half in the calling thread, half on the
+    pool's, a large one in the calling thread after them (never two large images' pixels at once);
+    too few pixels in all stay in the calling thread; every image is closed once cropped; the
+    answers, and a truncated JPEG's 400, are those of one thread."""
     real, seen = service_module.crop_image, []
 
     def crop(img, spec, **kw):
-        seen.append((img, img.size, threading.current_thread().name))
+        seen.append((img, img.size, threading.current_thread().name.startswith("mrl-decode")))
         return real(img, spec, **kw)
 
     monkeypatch.setattr(service_module, "crop_image", crop)
     monkeypatch.setattr(service_module, "PARALLEL_DECODE_PIXELS", 40 * 30)
+    monkeypatch.setattr(service_module, "PARALLEL_DECODE_MIN_PIXELS", 4 * 40 * 30)
     model, card = load_mrl_resnet50(tiny_checkpoint)
     one, two = (MRLService(model, card, OperatingPoints.fixed(card.nesting), name="m", decode_threads=n)
                 for n in (1, 2))
@@ -127,16 +129,19 @@ def test_decoding_on_threads_answers_as_one_thread_and_keeps_large_images_to_the
     seen.clear()
     got = two.handle(batch)
     assert [s for s, _ in got] == [s for s, _ in want] == [200, 200, 400, 200, 200]
-    assert "corrupt or truncated" in got[2][1]["message"]  # failed in the pool, not at the header
+    assert "corrupt or truncated" in got[2][1]["message"]  # failed on a thread, not at the header
     for (_, a), (_, b) in zip(want, got):
         assert (a.get("label"), a.get("embedding_dim")) == (b.get("label"), b.get("embedding_dim"))
         assert a.get("confidence", 0) == pytest.approx(b.get("confidence", 0), abs=1e-6)
-    where = [(size, name.startswith("mrl-decode")) for _, size, name in seen]
-    assert sorted(where) == [((40, 30), True)] * 4 + [((80, 60), False)]
-    assert where[-1] == ((80, 60), False)  # after the pool's
+    where = [(size, pooled) for _, size, pooled in seen]
+    assert sorted(where) == [((40, 30), False)] * 2 + [((40, 30), True)] * 2 + [((80, 60), False)]
+    assert where[-1] == ((80, 60), False)  # after the small ones
     for img, *_ in seen:
         with pytest.raises(ValueError, match="closed"):
             img.im  # noqa: B018
+    seen.clear()
+    assert [s for s, _ in two.handle(batch[:3])] == [200, 200, 400]  # 2 small images: too few pixels
+    assert not any(pooled for *_, pooled in seen)
     with pytest.raises(ValueError, match="decode_threads"):
         MRLService(model, card, OperatingPoints.fixed(card.nesting), decode_threads=0)
 
