@@ -10,6 +10,7 @@ import ctypes
 import io
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +126,63 @@ def pixels_to_decode(img: Image.Image, spec: Preprocessing, *, draft: bool = Tru
         scale = next(s for s in (8, 4, 2, 1) if fit >= s or s == 1)
         return -(-w // scale) * -(-h // scale)
     return w * h
+
+
+class BatchDecoder:
+    """A batch's opened images (``decode_image``) to crops (``crop_image``), on ``threads`` threads.
+
+    Images of at most ``PARALLEL_PIXELS`` to decode (``pixels_to_decode``: a 224-pixel JPEG is
+    50,176; a 12 MP photo with JPEG draft 187,500) are decoded ``threads`` at a time where together
+    they have ``PARALLEL_MIN_PIXELS`` (Pillow lets go of the GIL while it decodes and resamples),
+    the calling thread taking a share; the larger ones afterwards in the calling thread, one at a
+    time: at most ``threads`` small images' pixels at once, never a large one beside another. Each
+    image is closed once cropped, so its pixels go at once.
+    """
+
+    # 4 MiB of pixels each at most, in Pillow's 4 bytes a pixel; only where they add up to two
+    # 224-pixel images: below it the hand-off costs more than it saves (AMD EPYC, batch 8: 28x28
+    # PNGs 8.5 ms a batch on one thread, 8.9 on two).
+    PARALLEL_PIXELS = 2**20
+    PARALLEL_MIN_PIXELS = 100_000
+
+    def __init__(self, spec: Preprocessing, *, draft: bool = True, threads: int = 1) -> None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"decode_threads must be an integer >= 1, got {threads!r}")
+        self.spec, self.draft, self.threads = spec, draft, threads
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="mrl-decode") if threads > 1 else None
+
+    def __call__(self, images: list[Image.Image]) -> list[tuple[np.ndarray | None, int, Exception | None]]:
+        """Per image, in order: (its crop, its decoded bytes, the exception that failed it)."""
+        small, pixels = [], 0
+        for k, img in enumerate(images):
+            n = pixels_to_decode(img, self.spec, draft=self.draft)
+            if n <= self.PARALLEL_PIXELS:
+                small.append(k)
+                pixels += n
+        results: list = [None] * len(images)
+
+        def run(share: list[int]) -> None:
+            for k in share:
+                results[k] = self._one(images[k])
+
+        if self._pool is not None and len(small) > 1 and pixels >= self.PARALLEL_MIN_PIXELS:
+            shares = [small[t::self.threads] for t in range(self.threads)]  # one hand-off per thread
+            others = [self._pool.submit(run, share) for share in shares[1:] if share]
+            run(shares[0])
+            for f in others:
+                f.result()
+        run([k for k in range(len(images)) if results[k] is None])
+        return results
+
+    def _one(self, img: Image.Image) -> tuple[np.ndarray | None, int, Exception | None]:
+        crop, failed = None, None
+        try:
+            crop = crop_image(img, self.spec, draft=self.draft)
+        except Exception as exc:  # InputError: the client's; others: ours, logged by the caller
+            failed = exc
+        size = decoded_bytes(img)
+        img.close()
+        return crop, size, failed
 
 
 def decoded_bytes(img: Image.Image) -> int:

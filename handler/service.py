@@ -13,7 +13,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,7 @@ from handler.errors import InputError
 from handler.metrics import MetricsSink, NullSink
 from handler.numerics import OPENVINO_SET, bf16_supported, choose_numerics, choose_runtime, resolve_numerics
 from handler.oip import V2Request, parse_v2, v2_body, v2_error, v2_response
-from handler.preprocess import (
-    MAX_PIXELS,
-    RELEASE_BYTES,
-    Normalizer,
-    crop_image,
-    decode_image,
-    decoded_bytes,
-    pixels_to_decode,
-    release_freed_memory,
-)
+from handler.preprocess import MAX_PIXELS, RELEASE_BYTES, BatchDecoder, Normalizer, decode_image, release_freed_memory
 from handler.quantize import open_openvino, open_program
 from handler.requests import Options, parse_item
 from handler.thresholds import OperatingPoints, numerics_sets, parse_thresholds
@@ -46,12 +36,6 @@ FIXED_DIM = "fixed_dim"  # operating_point reported (and used as metric label) f
 # funnel=exact scans every gallery item at 2048 dims (about 1.5 s a query at 100,000 items on 2
 # cores): any client could ask for it, so above this many items a server must enable it.
 EXACT_MAX_ITEMS = 10_000
-# A batch's images up to this many pixels to decode are decoded on ``decode_threads`` threads
-# (MRLService._decode); 4 MiB of pixels each at most, in Pillow's 4 bytes a pixel. Only where they
-# add up to PARALLEL_DECODE_MIN_PIXELS (two 224-pixel images): below it the hand-off costs more than
-# it saves (AMD EPYC, batch 8: 28x28 PNGs 8.5 ms a batch on one thread, 8.9 on two).
-PARALLEL_DECODE_PIXELS = 2**20
-PARALLEL_DECODE_MIN_PIXELS = 100_000
 
 
 class MRLService:
@@ -65,8 +49,7 @@ class MRLService:
                  gallery=None, graph_cache: str | Path | None = None, numerics: str | None = None,
                  int8_program=None, exact_max_items: int = EXACT_MAX_ITEMS,
                  openvino_threads: int | None = None, decode_threads: int = 1) -> None:
-        """``decode_threads``: how many of a batch's small images are decoded at once (``_decode``);
-        1 decodes them one after another in the calling thread."""
+        """``decode_threads``: how many of a batch's small images are decoded at once (``BatchDecoder``)."""
         if not isinstance(exact_max_items, int) or exact_max_items < 0:
             raise ValueError(f"exact_max_items must be an integer >= 0, got {exact_max_items!r}")
         self.exact_max_items = exact_max_items
@@ -74,11 +57,7 @@ class MRLService:
         self.nesting = card.nesting
         self.sink = sink or NullSink()
         self.max_pixels, self.jpeg_draft = max_pixels, jpeg_draft
-        if not isinstance(decode_threads, int) or decode_threads < 1:
-            raise ValueError(f"decode_threads must be an integer >= 1, got {decode_threads!r}")
-        self._decode_threads = decode_threads
-        self._decode_pool = (ThreadPoolExecutor(decode_threads - 1, thread_name_prefix="mrl-decode")
-                             if decode_threads > 1 else None)
+        self.decoder = BatchDecoder(card.preprocessing, draft=jpeg_draft, threads=decode_threads)
         numerics = numerics or resolve_numerics(card.numerics, device)
         self.numerics = numerics
         if numerics == "fp32" and card.numerics == "bf16" and not bf16_supported(torch.device(device)):
@@ -203,7 +182,7 @@ class MRLService:
                 log.exception("reading item %d of a batch of %d failed", i, len(items))
                 out[i] = self._internal_error("reading the request", v2=i in v2)
         largest = 0  # bytes of the largest decoded image (after a JPEG draft)
-        for (i, _, opt), (crop, size, exc) in zip(opened, self._decode(opened)):
+        for (i, _, opt), (crop, size, exc) in zip(opened, self.decoder([img for _, img, _ in opened])):
             largest = max(largest, size)
             if isinstance(exc, InputError):
                 out[i] = self._error(exc, v2=i in v2)
@@ -214,7 +193,7 @@ class MRLService:
                 crops.append(crop)
                 opts.append(opt)
                 index.append(i)
-        opened.clear()  # nothing decoded is left: _decode closed each image
+        opened.clear()  # nothing decoded is left: the decoder closed each image
         if largest > RELEASE_BYTES:  # one-off buffers back to the OS, not kept by SERVER_ENV's malloc
             release_freed_memory()
         t1 = time.perf_counter()
@@ -244,51 +223,6 @@ class MRLService:
             for outcome, n in self.capture.take_counts().items():
                 self.sink.emit("mrl_capture_records_total", n, (self.name, outcome))
         return out  # type: ignore[return-value]
-
-    def _decode(self, opened: Sequence[tuple[int, Any, Options]]) -> list[tuple[Any, int, BaseException | None]]:
-        """Decode and crop the opened images: per image (crop, decoded bytes, the exception that
-        failed it), in order. Each image is closed once cropped, so its pixels go at once.
-
-        Images of at most ``PARALLEL_DECODE_PIXELS`` to decode (a 224-pixel JPEG is 50,176; a 12
-        MP photo with JPEG draft 187,500) are decoded ``decode_threads`` at a time where together
-        they have ``PARALLEL_DECODE_MIN_PIXELS`` (Pillow lets go of the GIL while it decodes and
-        resamples), the larger ones afterwards in the calling thread, one at a time: at most
-        ``decode_threads`` small images' pixels at once, never a large one beside another."""
-        spec, draft = self.card.preprocessing, self.jpeg_draft
-
-        def one(img) -> tuple[Any, int, BaseException | None]:
-            crop, failed = None, None
-            try:
-                crop = crop_image(img, spec, draft=draft)
-            except Exception as exc:  # InputError: the client's; others: ours, logged by the caller
-                failed = exc
-            size = decoded_bytes(img)
-            img.close()
-            return crop, size, failed
-
-        small, pixels = [], 0
-        for k, (_, img, _) in enumerate(opened):
-            n = pixels_to_decode(img, spec, draft=draft)
-            if n <= PARALLEL_DECODE_PIXELS:
-                small.append(k)
-                pixels += n
-        results: list = [None] * len(opened)
-        if self._decode_pool is not None and len(small) > 1 and pixels >= PARALLEL_DECODE_MIN_PIXELS:
-            # one share per thread, the calling thread's included: a hand-off per thread, not per image
-            shares = [small[t::self._decode_threads] for t in range(self._decode_threads)]
-
-            def run(share: list[int]) -> None:
-                for k in share:
-                    results[k] = one(opened[k][1])
-
-            others = [self._decode_pool.submit(run, share) for share in shares[1:] if share]
-            run(shares[0])
-            for f in others:
-                f.result()
-        for k, (_, img, _) in enumerate(opened):
-            if results[k] is None:
-                results[k] = one(img)
-        return results
 
     def _refresh_gallery(self) -> None:
         """Serve a gallery rebuilt in place (retrieval/gallery.py builds a new version and switches atomically) from

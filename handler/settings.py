@@ -41,7 +41,7 @@ class WorkerSettings:
     # yield to the other workers' (2 workers on 2 cores, ImageNet size, AMD EPYC, 2026-12-07: one
     # client 18 ms against 28 with a core each, 16 clients 81-83 img/s against 80-85).
     openvino_threads: int = 0
-    # Derived, not a key: how many of a batch's small images are decoded at once (MRLService._decode),
+    # Derived, not a key: how many of a batch's small images are decoded at once (preprocess.BatchDecoder),
     # every core this worker may use: the decode runs between forward passes, when the cores are idle.
     decode_threads: int = 1
 

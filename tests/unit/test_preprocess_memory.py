@@ -93,7 +93,7 @@ def test_a_small_16_bit_png_of_10_megapixels_neither_peaks_nor_stays_under_serve
 @pytest.mark.parametrize("size, fmt", [((224, 224), "JPEG"), ((4000, 3000), "JPEG"), ((2100, 513), "JPEG"),
                                        ((600, 400), "JPEG"), ((300, 200), "PNG")])
 def test_pixels_to_decode_is_what_crop_image_decodes(size, fmt):
-    """The count the service sorts a batch's images by (handler/service.py, PARALLEL_DECODE_PIXELS)
+    """The count BatchDecoder sorts a batch's images by (its PARALLEL_PIXELS and PARALLEL_MIN_PIXELS)
     is the pixels the decode holds, the JPEG draft's reduced scale included."""
     img = decode_image(encode(Image.new("RGB", size, (90, 120, 30)), fmt))
     expected = pixels_to_decode(img, IMAGENET_PREPROCESSING)

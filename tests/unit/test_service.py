@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-import handler.service as service_module
+import handler.preprocess as preprocess_module
 from handler.checkpoint import load_mrl_resnet50
 from handler.metrics import PrometheusSink
 from handler.service import MRLService
@@ -79,14 +79,14 @@ def test_one_bad_item_fails_alone(service, gray_png):
 def test_an_unexpected_fault_reading_one_item_fails_that_item_alone(tiny_checkpoint, gray_png, monkeypatch):
     """A fault of ours (not InputError) while decoding one item answers that item 500, in its own
     protocol's form; the batch's other items are answered as they would be alone."""
-    real = service_module.crop_image
+    real = preprocess_module.crop_image
 
     def crop(img, spec, **kw):
         if img.size == (3, 5):
             raise RuntimeError("a decoder bug")
         return real(img, spec, **kw)
 
-    monkeypatch.setattr(service_module, "crop_image", crop)
+    monkeypatch.setattr(preprocess_module, "crop_image", crop)
     registry = CollectorRegistry()
     model, card = load_mrl_resnet50(tiny_checkpoint)
     svc = MRLService(model, card, OperatingPoints.fixed(card.nesting), name="m", sink=PrometheusSink(registry))
@@ -110,15 +110,15 @@ def test_decoding_on_threads_answers_as_one_thread_and_keeps_large_images_to_the
     pool's, a large one in the calling thread after them (never two large images' pixels at once);
     too few pixels in all stay in the calling thread; every image is closed once cropped; the
     answers, and a truncated JPEG's 400, are those of one thread."""
-    real, seen = service_module.crop_image, []
+    real, seen = preprocess_module.crop_image, []
 
     def crop(img, spec, **kw):
         seen.append((img, img.size, threading.current_thread().name.startswith("mrl-decode")))
         return real(img, spec, **kw)
 
-    monkeypatch.setattr(service_module, "crop_image", crop)
-    monkeypatch.setattr(service_module, "PARALLEL_DECODE_PIXELS", 40 * 30)
-    monkeypatch.setattr(service_module, "PARALLEL_DECODE_MIN_PIXELS", 4 * 40 * 30)
+    monkeypatch.setattr(preprocess_module, "crop_image", crop)
+    monkeypatch.setattr(preprocess_module.BatchDecoder, "PARALLEL_PIXELS", 40 * 30)
+    monkeypatch.setattr(preprocess_module.BatchDecoder, "PARALLEL_MIN_PIXELS", 4 * 40 * 30)
     model, card = load_mrl_resnet50(tiny_checkpoint)
     one, two = (MRLService(model, card, OperatingPoints.fixed(card.nesting), name="m", decode_threads=n)
                 for n in (1, 2))
