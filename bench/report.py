@@ -20,13 +20,20 @@ def machine_line(m: dict) -> str:
     return line + (" " + cpu_flags_line(m) if "flags" in m else "")
 
 
+def batching_line(settings: dict) -> str:
+    """The server's batching as a run recorded it (runs before greedy batching recorded none)."""
+    if settings.get("batching") == "greedy":
+        return f"greedy batching (a worker never waits; maxBatchDelay {settings['batch_delay_ms']} ms unused)"
+    return f"maxBatchDelay {settings['batch_delay_ms']} ms"
+
+
 def tables(report: dict) -> str:
     m, peak = report["machine"], report["peak_gflops"]
     lines = [machine_line(m) + f" Run {report['date']} with `{report['command']}`.",
              f"Measured matmul peak (best run over {report.get('peak_sizes', [2048])} square matmuls): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
              + (f"{peak['bf16']:.0f} GFLOP/s." if peak['bf16'] else "not measured (no bf16 on this CPU)."),
-             f"Server: batchSize {report['settings']['batch_size']}, maxBatchDelay "
-             f"{report['settings']['batch_delay_ms']} ms, one worker.", ""]
+             f"Server: batchSize {report['settings']['batch_size']}, {batching_line(report['settings'])}, one worker.",
+             ""]
     bs = str(report["settings"]["batch_size"])
     lines += [f"| model / mode | raw pipeline b1 (img/s) | raw pipeline b{bs} (img/s) | backbone b{bs} GFLOP/s (share of peak) "
               "| server saturation (img/s) | server / raw | 1 client p50 (ms) | raw b1 latency (ms) | cold start to first answer (s) |",

@@ -61,6 +61,7 @@ from handler.numerics import OPENVINO_SET, choose_numerics, choose_runtime, reso
 from handler.service import MRLService
 from handler.thresholds import OperatingPoints, numerics_sets
 from model_store.build_archive import BATCH_DELAY_MS
+from model_store.serve import batching
 
 GFLOP_224 = 8.18  # ResNet50 forward, one 224x224 image
 PEAK_SIZES = (1024, 2048, 3072)
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
               "peak_gflops": {"fp32": peak_gflops(torch.float32),
                               "bf16": peak_gflops(torch.bfloat16) if resolve_numerics("bf16") == "bf16" else None},
               "peak_sizes": list(PEAK_SIZES),
-              "settings": {"batch_size": args.batch_size, "batch_delay_ms": args.batch_delay}, "results": {}}
+              "settings": {"batch_size": args.batch_size, "batch_delay_ms": args.batch_delay, "batching": batching()},
+              "results": {}}
     print(json.dumps(report["machine"]), json.dumps(report["peak_gflops"]), flush=True)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

@@ -32,14 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # Zen 5, int8, docs/results/server_tuning_demo_delay_zen5.json, medians of two ABBA rounds): 1 ms against 5 ms
 # took one client from 9.8 to 5.0 ms and c=4 from 311 to 390 img/s on the demo model, and cost 8 % at
 # c=16 (811 against 883 img/s). A server mostly runs below saturation, so 1 ms. 0 is no option:
-# TorchServe 0.12 reads 0 in an archive as unset and waits 100 ms.
+# TorchServe 0.12 reads 0 in an archive as unset and waits 100 ms. Under config.properties' greedy
+# batching (model_store/java/mrl/oip/GreedyBatching.java) no request waits it at all; 1 ms is what a
+# TorchServe without our agent waits.
 BATCH_DELAY_MS = 1
 MODEL_CONFIG = """\
 # Written by model_store/build_archive.py. TorchServe reads the top block; the handler block is ours.
 minWorkers: {workers}
 maxWorkers: {workers}
 batchSize: {batch_size}        # dynamic batching: up to this many requests per forward pass
-maxBatchDelay: {batch_delay}     # ms a partial batch waits for company; a lone request waits this long
+maxBatchDelay: {batch_delay}     # ms a partial batch waits for company under TorchServe's batching; none under greedy (config.properties)
 responseTimeout: {timeout}    # s before TorchServe answers 500 and restarts a stuck worker
 {queue}handler:
   graph: {graph}           # eager | jit (traced + frozen) | compile (inductor + freezing)
@@ -227,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-path", default=str(ROOT / "model_store"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-delay", type=int, default=BATCH_DELAY_MS,
-                   help="maxBatchDelay in ms, at least 1 (a lone request waits this long)")
+                   help="maxBatchDelay in ms, at least 1: what a lone request waits under TorchServe's own "
+                        "batching; config.properties' greedy batching never waits it")
     p.add_argument("--timeout", type=int, default=30, help="responseTimeout in s")
     p.add_argument("--numerics", default="card", choices=("card", "fp32", "bf16", "int8", "auto"),
                    help="what the workers serve: the card's, a mode, or auto (the fastest mode this CPU runs "

@@ -64,7 +64,7 @@ def build(jar: Path = JAR, frontend: Path | None = None) -> Path:
                         *map(str, sorted(SOURCES.rglob("*.java")))], check=True)
         classes = sorted(p for p in out.rglob("*.class"))
         replaced = out / f"{REPLACED}.class"
-        if replaced not in classes or len(classes) != 3:  # Agent, Agent$Swap, the replacement
+        if replaced not in classes or len(classes) != 5:  # Agent, its Swap and Greedy, GreedyBatching, the replacement
             raise RuntimeError(f"unexpected classes from {SOURCES}: {[str(c.relative_to(out)) for c in classes]}")
         jar.parent.mkdir(parents=True, exist_ok=True)
         part = jar.with_suffix(".part")

@@ -53,6 +53,13 @@ def served_models(model_store: Path = ROOT / "model_store") -> list[str]:
     return [m for m in EXAMPLES if (model_store / f"{m}.mar").exists()]
 
 
+def batching(config: Path = ROOT / "config.properties") -> str:
+    """How the frontend of ``config`` forms batches: 'greedy' (its agent started with
+    -Dmrl.batching=greedy: a worker never waits maxBatchDelay) or 'torchserve' (TorchServe's own)."""
+    vmargs = re.search(r"^vmargs=(.*)$", config.read_text(), flags=re.M)
+    return "greedy" if vmargs and "-Dmrl.batching=greedy" in vmargs.group(1).split() else "torchserve"
+
+
 def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "",
                  overrides: dict[str, str] | None = None, agent: Path = oip_agent.JAR) -> Path:
     """A copy of config.properties for a server started elsewhere: absolute paths, other ports,

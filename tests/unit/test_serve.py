@@ -29,3 +29,17 @@ def test_an_archive_refuses_a_batch_delay_torchserve_would_read_as_100_ms(tmp_pa
     assert BATCH_DELAY_MS >= 1
     with pytest.raises(ValueError, match="at least 1 ms, got 0.*100 ms"):
         build(parse_args(["--checkpoint", str(tmp_path / "none.pt"), "--batch-delay", "0"]))
+
+
+def test_the_committed_configs_batch_greedily_and_the_bench_says_which_way_it_ran(tmp_path):
+    """config.properties and the runtime image's start the agent with greedy batching
+    (tests/integration/test_batching.py shows what it does); a config without it is TorchServe's."""
+    from bench.report import batching_line
+    from model_store.serve import ROOT, batching
+
+    assert batching() == "greedy" and batching(ROOT / "deploy" / "kserve" / "config.properties") == "greedy"
+    plain = tmp_path / "config.properties"
+    plain.write_text((ROOT / "config.properties").read_text().replace(" -Dmrl.batching=greedy", ""))
+    assert batching(plain) == "torchserve"
+    assert batching_line({"batch_delay_ms": 1, "batching": "greedy"}).startswith("greedy batching")
+    assert batching_line({"batch_delay_ms": 5}) == "maxBatchDelay 5 ms"  # runs from before it

@@ -15,6 +15,9 @@ import java.security.ProtectionDomain;
  * it, the frontend's own OIP handler class (the last link of the inference chain, which sees only
  * what no other handler took) for ours, compiled against the pinned jar (model_store/oip_agent.py).
  * Started with -javaagent:mrl-oip.jar (vmargs in config.properties).
+ *
+ * <p>With -Dmrl.batching=greedy it also sends the queue polls of TorchServe's Model class to
+ * {@link GreedyBatching}: a worker takes what is queued and never waits for more.
  */
 public final class Agent {
     static final String TARGET = "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler";
@@ -32,6 +35,34 @@ public final class Agent {
         }
         inst.addTransformer(new Swap(replacement));
         System.err.println("mrl-oip agent: OIP model routes enabled (GET /v2/models/{m}, /v2/models/{m}/ready)");
+        String batching = System.getProperty("mrl.batching", "torchserve");
+        if ("greedy".equals(batching)) {
+            inst.addTransformer(new Greedy());
+        } else if (!"torchserve".equals(batching)) {
+            System.err.println("mrl-oip agent: -Dmrl.batching=" + batching + " is neither greedy nor torchserve: "
+                    + "TorchServe's batching kept");
+        }
+    }
+
+    /** Model's queue polls sent to GreedyBatching.poll; the class as it is where that fails. */
+    static final class Greedy implements ClassFileTransformer {
+        @Override
+        public byte[] transform(ClassLoader loader, String className, Class<?> redefined,
+                                ProtectionDomain domain, byte[] original) {
+            if (!GreedyBatching.TARGET.equals(className) || redefined != null) {
+                return null;
+            }
+            try {
+                byte[] patched = GreedyBatching.patch(original);
+                System.err.println("mrl-oip agent: greedy batching: a worker takes what is queued and "
+                        + "never waits maxBatchDelay (" + GreedyBatching.SITES + " queue polls of "
+                        + className + ")");
+                return patched;
+            } catch (RuntimeException e) { // the JVM would drop it silently: say so, keep the class
+                System.err.println("mrl-oip agent: greedy batching NOT enabled, TorchServe's batching kept: " + e);
+                return null;
+            }
+        }
     }
 
     /** Returns our class's bytes for the target class, nothing (no change) for every other. */
