@@ -1,6 +1,7 @@
 """The serving pipeline without TorchServe: request items in, (status, JSON body) per item out.
 
-    parse + decode + crop (per item)  ->  normalize + backbone + heads (per batch)
+    parse (per item)  ->  decode + crop (per batch, on threads: preprocess.BatchDecoder)
+    ->  normalize + backbone + heads (per batch)
     ->  cascade (per batch, per-item thresholds)  ->  responses and metrics
 
 A bad item fails alone with its own 4xx; the others in the batch are answered normally.
