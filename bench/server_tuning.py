@@ -37,22 +37,13 @@ from bench.harness import (
     server,
 )
 from handler.engine import configure_threads
-from model_store import oip_agent
 from model_store.build_archive import archive
-
-
-def _config_vmargs(drop: str) -> str:
-    """config.properties' vmargs less ``drop``, the agent's jar by its absolute path (a server of
-    this benchmark starts in a temporary folder)."""
-    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M).group(1)
-    vmargs = vmargs.replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}", f"-javaagent:{oip_agent.JAR}")
-    return " ".join(a for a in vmargs.split() if a != drop)
-
+from model_store.serve import GREEDY, config_vmargs
 
 VARIANTS = {
     "config": {},
     # TorchServe's own batching: a partial batch waits maxBatchDelay (the archive's 1 ms) for company
-    "torchserve_batching": {"overrides": {"vmargs": _config_vmargs("-Dmrl.batching=greedy")}},
+    "torchserve_batching": {"overrides": {"vmargs": config_vmargs(drop=(GREEDY,))}},
     "jvm_default": {"overrides": {"vmargs": ""}},  # the JVM's own defaults: tiered C2, G1
     "netty1": {"overrides": {"number_of_netty_threads": "1", "netty_client_threads": "1"}},
     "omp_passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}},  # worker threads sleep, not spin, when idle

@@ -53,11 +53,23 @@ def served_models(model_store: Path = ROOT / "model_store") -> list[str]:
     return [m for m in EXAMPLES if (model_store / f"{m}.mar").exists()]
 
 
+GREEDY = "-Dmrl.batching=greedy"  # config.properties' vmargs: the agent's greedy batching
+
+
 def batching(config: Path = ROOT / "config.properties") -> str:
     """How the frontend of ``config`` forms batches: 'greedy' (its agent started with
     -Dmrl.batching=greedy: a worker never waits maxBatchDelay) or 'torchserve' (TorchServe's own)."""
     vmargs = re.search(r"^vmargs=(.*)$", config.read_text(), flags=re.M)
-    return "greedy" if vmargs and "-Dmrl.batching=greedy" in vmargs.group(1).split() else "torchserve"
+    return "greedy" if vmargs and GREEDY in vmargs.group(1).split() else "torchserve"
+
+
+def config_vmargs(agent: Path = oip_agent.JAR, drop: tuple[str, ...] = ()) -> str:
+    """config.properties' vmargs for a frontend started elsewhere: the agent's jar (``agent``) by
+    its absolute path, less the options in ``drop`` (e.g. ``GREEDY``, for TorchServe's batching)."""
+    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M)
+    vmargs = (vmargs.group(1) if vmargs else "").replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}",
+                                                         f"-javaagent:{Path(agent).resolve()}")
+    return " ".join(a for a in vmargs.split() if a not in drop)
 
 
 def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = None, extra: str = "",
@@ -68,10 +80,8 @@ def write_config(dest: Path, model_store: Path, ports: dict[str, int] | None = N
     text = (ROOT / "config.properties").read_text()
     settings = {f"{name}_address": f"http://127.0.0.1:{port}" for name, port in (ports or {}).items()}
     settings |= {"model_store": str(model_store), "metrics_config": str(ROOT / "monitoring" / "ts_metrics.yaml")}
-    vmargs = re.search(r"^vmargs=(.*)$", text, flags=re.M)
-    if vmargs:  # the OIP agent's jar by its absolute path: this server starts in another folder
-        settings["vmargs"] = vmargs.group(1).replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}",
-                                                     f"-javaagent:{Path(agent).resolve()}")
+    if re.search(r"^vmargs=", text, flags=re.M):  # the agent's jar by its absolute path: this server starts elsewhere
+        settings["vmargs"] = config_vmargs(agent)
     for key, value in (settings | (overrides or {})).items():
         text, n = re.subn(rf"^{key}=.*$", lambda _: f"{key}={value}", text, flags=re.M)
         if not n:

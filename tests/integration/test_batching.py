@@ -2,12 +2,10 @@
 config.properties' frontend a lone request is not held for the archive's maxBatchDelay and
 concurrent requests still share batches; the same archive under TorchServe's own batching (the
 agent without -Dmrl.batching=greedy) holds every lone request for the whole delay."""
-import re
 import statistics
 
 from client.http import run_load
-from model_store import oip_agent
-from model_store.serve import ROOT
+from model_store.serve import GREEDY, config_vmargs
 from tests.integration.server import running_server
 
 DELAY_MS = 500  # far above what the tiny model takes to answer, so the two ways cannot be confused
@@ -45,10 +43,8 @@ def test_greedy_batching_answers_a_lone_request_at_once_and_still_batches_under_
 
 def test_torchserves_own_batching_holds_a_lone_request_for_the_delay(tmp_path, tiny_checkpoint, test_images):
     """The control: without the property the agent leaves Model alone (so the test above can fail)."""
-    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), re.M).group(1)
-    assert "-Dmrl.batching=greedy" in vmargs.split()
-    vmargs = vmargs.replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}", f"-javaagent:{oip_agent.JAR}")
-    vmargs = " ".join(a for a in vmargs.split() if a != "-Dmrl.batching=greedy")
+    assert GREEDY in config_vmargs().split()
+    vmargs = config_vmargs(drop=(GREEDY,))
     with running_server(tmp_path, tiny_checkpoint, batch_size=8, batch_delay=DELAY_MS,
                         config_extra=f"\nvmargs={vmargs}\n") as server:
         lone = _lone_ms(server, test_images[0], n=3)

@@ -241,12 +241,10 @@ def test_tritonclient_sees_the_server_and_the_model_ready_and_the_models_metadat
 
 def test_the_frontend_jvm_runs_with_the_configured_options(tiny_server):
     """config.properties' vmargs (C1 only, serial GC: bench/server_tuning.py) reach the frontend's JVM."""
-    from model_store import oip_agent
-    from model_store.serve import ROOT
+    from model_store.serve import config_vmargs
 
-    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), re.M).group(1)
     # The OIP agent's jar is named relative to the root in config.properties, absolute elsewhere.
-    vmargs = vmargs.replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}", f"-javaagent:{oip_agent.JAR}").split()
+    vmargs = config_vmargs().split()
     assert vmargs, "config.properties sets no vmargs"
     frontends = _frontends()
     assert len(frontends) == 1, frontends
