@@ -58,12 +58,14 @@ VARIANTS = {
     "workers2": {"workers": 2},  # build_archive.py's default: two workers, the cores split between them
 }
 CLK = os.sysconf("SC_CLK_TCK")
-STAGE = re.compile(r'^(mrl_stage_seconds_sum|mrl_stage_seconds_count|mrl_batches_total|mrl_batch_items_total)'
-                   r'\{([^}]*)\} ([0-9.e+-]+)$')
+# the worker's stage and batch counters, and the frontend's queue time of the requests it answered
+STAGE = re.compile(r'^(mrl_stage_seconds_sum|mrl_stage_seconds_count|mrl_batches_total|mrl_batch_items_total'
+                   r'|ts_queue_latency_microseconds|ts_inference_requests_total)\{([^}]*)\} ([0-9.eE+-]+)$')
 
 
 def worker_counters(port: int = 8082) -> dict[str, float]:
-    """The worker's batch and stage counters from TorchServe's Prometheus endpoint."""
+    """The worker's batch and stage counters, and the frontend's queue time, from TorchServe's
+    Prometheus endpoint."""
     out: dict[str, float] = {}
     for line in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode().splitlines():
         m = STAGE.match(line)
@@ -99,6 +101,8 @@ def phase(tmp: Path, bodies: list[bytes], concurrency: int, seconds: float) -> d
     stages = sorted(k.split(":")[1] for k in d if k.startswith("mrl_stage_seconds_sum:"))
     busy = sum(d[f"mrl_stage_seconds_sum:{s}"] for s in stages)
     return {**r, "batch_mean": d.get("mrl_batch_items_total", 0) / max(d.get("mrl_batches_total", 0), 1),
+            # how long a request waited for a worker: at one client, the batch delay it paid
+            "queue_ms": d.get("ts_queue_latency_microseconds", 0) / 1000 / max(d.get("ts_inference_requests_total", 0), 1),
             "worker_busy": busy / wall,
             "ms_per_batch": {s: 1000 * d[f"mrl_stage_seconds_sum:{s}"] / max(d[f"mrl_stage_seconds_count:{s}"], 1)
                              for s in stages},
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                             report["rounds"].append({"variant": n, "round": rnd, "phase": i, **r})
                             print(n, rnd, i, f"c={c}: {r['img_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
                                   f"worker busy {r['worker_busy']:.0%}, "
-                                  f"batch {r['batch_mean']:.1f}, ms/batch {r['ms_per_batch']}, cpu {r['cpu_share']}",
+                                  f"batch {r['batch_mean']:.1f}, queue {r['queue_ms']:.2f} ms, ms/batch {r['ms_per_batch']}, cpu {r['cpu_share']}",
                                   flush=True)
     summary = {}
     for c in levels:
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             summary[f"{n}/c{c}"] = {
                 "img_s": statistics.median(r["img_s"] for r in runs),
                 "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                "queue_ms": statistics.median(r["queue_ms"] for r in runs),
                 "worker_busy": statistics.median(r["worker_busy"] for r in runs),
                 "worker_ms_per_batch": statistics.median(sum(r["ms_per_batch"].values()) for r in runs),
                 "forward_ms": statistics.median(r["ms_per_batch"].get("forward", 0) for r in runs),

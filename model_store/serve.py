@@ -56,18 +56,22 @@ def served_models(model_store: Path = ROOT / "model_store") -> list[str]:
 GREEDY = "-Dmrl.batching=greedy"  # config.properties' vmargs: the agent's greedy batching
 
 
+def _vmargs(config: Path) -> str:
+    """The ``vmargs`` line of a TorchServe config ('' without one)."""
+    found = re.search(r"^vmargs=(.*)$", config.read_text(), flags=re.M)
+    return found.group(1) if found else ""
+
+
 def batching(config: Path = ROOT / "config.properties") -> str:
     """How the frontend of ``config`` forms batches: 'greedy' (its agent started with
     -Dmrl.batching=greedy: a worker never waits maxBatchDelay) or 'torchserve' (TorchServe's own)."""
-    vmargs = re.search(r"^vmargs=(.*)$", config.read_text(), flags=re.M)
-    return "greedy" if vmargs and GREEDY in vmargs.group(1).split() else "torchserve"
+    return "greedy" if GREEDY in _vmargs(config).split() else "torchserve"
 
 
 def config_vmargs(agent: Path = oip_agent.JAR, drop: tuple[str, ...] = ()) -> str:
     """config.properties' vmargs for a frontend started elsewhere: the agent's jar (``agent``) by
     its absolute path, less the options in ``drop`` (e.g. ``GREEDY``, for TorchServe's batching)."""
-    vmargs = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M)
-    vmargs = (vmargs.group(1) if vmargs else "").replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}",
+    vmargs = _vmargs(ROOT / "config.properties").replace(f"-javaagent:{oip_agent.JAR.relative_to(ROOT)}",
                                                          f"-javaagent:{Path(agent).resolve()}")
     return " ".join(a for a in vmargs.split() if a not in drop)
 

@@ -58,8 +58,11 @@ def test_the_stage_counters_parse_from_prometheus_text():
     lines = ['mrl_stage_seconds_sum{model_name="m",stage="forward"} 1.5',
              'mrl_stage_seconds_count{model_name="m",stage="forward"} 3.0',
              'mrl_batches_total{model_name="m"} 3.0',
-             'mrl_stage_seconds_bucket{model_name="m",stage="forward",le="0.1"} 1.0']
+             'mrl_stage_seconds_bucket{model_name="m",stage="forward",le="0.1"} 1.0',
+             'ts_queue_latency_microseconds{model_name="m",model_version="default",hostname="h"} 1.234E7']
     parsed = [STAGE.match(line) for line in lines]
     assert [m.group(1) if m else None for m in parsed] == [
-        "mrl_stage_seconds_sum", "mrl_stage_seconds_count", "mrl_batches_total", None]
+        "mrl_stage_seconds_sum", "mrl_stage_seconds_count", "mrl_batches_total", None,
+        "ts_queue_latency_microseconds"]
     assert float(parsed[0].group(3)) == 1.5 and 'stage="forward"' in parsed[0].group(2)
+    assert float(parsed[4].group(3)) == 1.234e7  # Java writes large counters with an exponent
