@@ -107,6 +107,22 @@ def compile_openvino(ov_model, batch: int, size: int, threads: int, precision: s
     return run
 
 
+def beside(program_path: Path, card, bodies: list[bytes], batches, threads: int):
+    """OpenVINO int8's raw time per batch at each of ``batches`` (the OpenVINO engine's own IR, as
+    in the peer table: normalized NCHW tensors in, the LATENCY hint), as a function of ``repeat``
+    returning median seconds per batch size. ``bench/run.py`` calls it between a server's phases,
+    while the server is idle, so that both sides meet the machine in the same minutes."""
+    import openvino as ov
+
+    ov_model, tensors = ov.Core().read_model(str(program_path)), request_tensors(card, bodies)
+    runs = {b: (compile_openvino(ov_model, b, card.preprocessing.crop, threads, None), batch_of(tensors, b))
+            for b in batches}
+
+    def measure(repeat: int) -> dict[int, float]:
+        return {b: statistics.median(times_of(lambda: fn(x), repeat, warmup=1)) for b, (fn, x) in runs.items()}
+    return measure
+
+
 def openvino_bf16() -> bool:
     import openvino as ov
 

@@ -145,7 +145,21 @@ def peers_against_server(report: dict) -> list[str]:
                    f"at batch {bs} (target 0.9x: {'met' if sat >= 0.9 * ov else 'NOT met'}); one client p50 "
                    f"{p50:.1f} ms against OpenVINO's best raw batch-1 {ov1:.1f} ms + 3 ms "
                    f"({'met' if p50 <= ov1 + 3 else 'NOT met'})")
+        for mode, row in rows.items():
+            if "beside_peer" in row["server"]:
+                out.append(beside_line(name, mode, row["server"]["beside_peer"]))
     return out
+
+
+def beside_line(name: str, mode: str, b: dict) -> str:
+    """The gate measured side by side (bench/run.py: beside_peer)."""
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    return (f"{name}, side by side ({len(b['pairs'])} pairs, each the peer's raw batches then a server phase, "
+            f"in the same minutes): server in {mode} {b['saturation_img_s']:.1f} img/s at c={b['concurrency']} "
+            f"= {b['throughput_ratio']:.2f}x OpenVINO int8's raw {b['peer_img_s']:.1f} img/s at batch "
+            f"{b['batch_size']} (target 0.9x: {met(b['throughput_ratio'] >= 0.9)}); one client p50 "
+            f"{b['one_client_p50_ms']:.1f} ms against its raw batch-1 {b['peer_b1_ms']:.1f} ms + 3 ms "
+            f"({met(b['latency_margin_ms'] <= 3)})")
 
 
 def ratios(report: dict) -> list[str]:

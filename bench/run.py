@@ -12,7 +12,9 @@ Modes:
   openvino  int8 on the OpenVINO engine (runtime openvino: NNCF's program, calibration/openvino_int8.py; torch
             on one thread in the worker), with its own thresholds set where the model has one;
   peers     OpenVINO fp32/bf16/int8 on the same checkpoints beside our engine (bench/peers.py; needs
-            the peers extra, else skipped with a note; --no-peers leaves it out);
+            the peers extra, else skipped with a note; --no-peers leaves it out); and, for the
+            ImageNet-size model served in openvino, issue #36's gate side by side: the server's
+            one-client and saturation phases alternating with OpenVINO int8's raw batches;
   auto      bundled models only: the archive built with numerics auto and runtime auto, which serves
             the fastest mode this CPU runs natively whose thresholds set passed parity, and int8 on
             OpenVINO where its set passed parity and ran faster (handler/numerics.py); the report
@@ -100,9 +102,10 @@ def raw_pipeline(ckpt: Path, mode: dict, bodies: list[bytes], batch_sizes, repea
 
 
 def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, thresholds=None,
-                cascade_check: bool = False, int8_data: str | None = None) -> dict:
+                cascade_check: bool = False, int8_data: str | None = None, peer=None) -> dict:
     """Archive ``ckpt`` in ``mode``, serve it with the mode's environment; its cold start, one
-    client, every concurrency and (``cascade_check``) fixed 2048 against the cascade."""
+    client, every concurrency, (``cascade_check``) fixed 2048 against the cascade, and (``peer``,
+    ``bench.peers.beside``) the server's phases alternating with the peer's raw batches."""
     int8 = mode["numerics"] == "int8"
     settings = dict(graph=mode["graph"], batch_size=args.batch_size, batch_delay=args.batch_delay, workers=1,
                     channels_last=mode["channels_last"], jpeg_draft=mode["jpeg_draft"], thresholds=thresholds,
@@ -127,7 +130,35 @@ def server_runs(tmp: Path, ckpt: Path, mode: dict, bodies: list[bytes], args, th
             for name, phases in runs.items():
                 out[name] = {"concurrency": c, "img_s": statistics.median(r["img_s"] for r in phases),
                              "runs": phases}
+        if peer is not None:
+            out["beside_peer"] = beside_peer(tmp, bodies, peer, args)
     return out
+
+
+def beside_peer(tmp: Path, bodies: list[bytes], peer, args) -> dict:
+    """Issue #36's gate side by side: the peer's raw batch 1 and serving batch (in this process,
+    the server idle), one client, the peer again, saturation; ``args.beside_pairs`` times. The
+    figures are medians over the pairs, so that a drift of the machine lands on both sides."""
+    c, bs, pairs = max(args.concurrency), args.batch_size, []
+    for _ in range(args.beside_pairs):
+        before_one = peer(args.beside_repeat)
+        one = serve_phase(tmp, bodies, 1, args.low_s)
+        before_sat = peer(args.beside_repeat)
+        sat = serve_phase(tmp, bodies, c, args.sat_s)
+        pairs.append({"peer_s": [{str(b): t for b, t in p.items()} for p in (before_one, before_sat)],
+                      "one_client": one, "saturation": sat})
+    peer_b1 = 1000 * statistics.median(p[1] for r in pairs for p in _peer_rounds(r))
+    peer_img_s = bs / statistics.median(p[bs] for r in pairs for p in _peer_rounds(r))
+    one_p50 = statistics.median(r["one_client"]["p50_ms"] for r in pairs)
+    sat_img_s = statistics.median(r["saturation"]["img_s"] for r in pairs)
+    return {"pairs": pairs, "concurrency": c, "batch_size": bs, "repeat": args.beside_repeat,
+            "peer_b1_ms": peer_b1, "peer_img_s": peer_img_s, "one_client_p50_ms": one_p50,
+            "saturation_img_s": sat_img_s, "throughput_ratio": sat_img_s / peer_img_s,
+            "latency_margin_ms": one_p50 - peer_b1}
+
+
+def _peer_rounds(pair: dict) -> list[dict[int, float]]:
+    return [{int(b): t for b, t in p.items()} for p in pair["peer_s"]]
 
 
 def auto_mode(folder: Path) -> tuple[str, str]:
@@ -158,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.concurrency = (4, 16) if args.quick else (4, 8, 16)
     repeat = 5 if args.quick else 15
     args.cascade_pairs = 2 if args.quick else 4
+    args.beside_pairs, args.beside_repeat = (2, 5) if args.quick else (3, 15)
     configure_threads()
     report = {**header("bench.run", argv, busy=True),
               # bf16 emulated (no AVX512-BF16/AMX) is no peak worth timing: minutes of slow matmuls
@@ -208,8 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
                     program = int8_for(ckpt, calib, thr, args.batch_size) if int8 else None
                 res["raw"] = raw_pipeline(ckpt, mode, inputs[model], (1, args.batch_size), repeat, program)
                 print(model, mode_name, "raw", json.dumps(res["raw"]), flush=True)
+                peer = None
+                if mode_name == "openvino" and model not in BUNDLED and not args.no_peers:
+                    from bench.peers import beside  # issue #36's gate, ImageNet size: side by side
+                    peer = beside(program.path, load_mrl_resnet50(ckpt)[1], inputs[model], (1, args.batch_size),
+                                  torch.get_num_threads())
                 res["server"] = server_runs(tmp, ckpt, mode, inputs[model], args, thresholds=thr,
-                                            cascade_check=thr is not None, int8_data=calib)
+                                            cascade_check=thr is not None, int8_data=calib, peer=peer)
                 print(model, mode_name, "server", json.dumps(res["server"]), flush=True)
                 report["results"][f"{model}/{mode_name}"] = res
                 write_report(report, args.out)  # kept if a later mode fails

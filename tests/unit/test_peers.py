@@ -60,6 +60,35 @@ def test_the_acceptance_lines_compare_our_best_server_mode_with_openvinos_best_r
     assert rep.peers_against_server(faster)[0].endswith("+ 3 ms (met)")
 
 
+def test_the_side_by_side_gate_reads_medians_over_alternating_pairs(monkeypatch):
+    import bench.run as run
+
+    class Args:
+        concurrency, batch_size, beside_pairs, beside_repeat, low_s, sat_s = (4, 16), 8, 3, 5, 1, 1
+    peer_times = iter([{1: 0.010, 8: 0.080}, {1: 0.012, 8: 0.100}, {1: 0.011, 8: 0.090},
+                       {1: 0.020, 8: 0.160}, {1: 0.011, 8: 0.085}, {1: 0.011, 8: 0.088}])
+    served = iter([{"p50_ms": 15.0}, {"img_s": 80.0}, {"p50_ms": 13.5}, {"img_s": 90.0},
+                   {"p50_ms": 14.2}, {"img_s": 85.0}])
+    calls = []
+
+    def phase(tmp, bodies, c, duration):
+        calls.append(c)
+        return next(served)
+    monkeypatch.setattr(run, "serve_phase", phase)
+    b = run.beside_peer(None, [], lambda repeat: next(peer_times), Args)
+    assert calls == [1, 16, 1, 16, 1, 16]  # one client, then saturation at the largest concurrency
+    assert b["peer_b1_ms"] == 11.0  # median of the six batch-1 medians
+    assert abs(b["peer_img_s"] - 8 / 0.089) < 1e-9  # median of 0.080 0.085 0.088 0.090 0.100 0.160
+    assert (b["one_client_p50_ms"], b["saturation_img_s"]) == (14.2, 85.0)
+    assert abs(b["throughput_ratio"] - 85.0 / (8 / 0.089)) < 1e-9 and abs(b["latency_margin_ms"] - 3.2) < 1e-9
+    line = rep.beside_line("imagenet", "openvino", b)
+    assert "3 pairs" in line and "server in openvino 85.0 img/s at c=16 = 0.95x OpenVINO int8's raw 89.9 img/s" in line
+    assert line.endswith("(target 0.9x: met); one client p50 14.2 ms against its raw batch-1 11.0 ms + 3 ms (NOT met)")
+    with_beside = {**REPORT, "results": {"imagenet/openvino": {"server": {
+        **_server(85.0, 14.2)["server"], "beside_peer": b}}}}
+    assert rep.peers_against_server(with_beside)[1] == line
+
+
 def test_tables_carry_the_peer_section_only_when_the_run_has_one():
     base = {**REPORT, "peak_gflops": {"fp32": 100.0, "bf16": 200.0}, "date": "d", "command": "c",
             "settings": {"batch_size": 8, "batch_delay_ms": 5},
