@@ -1,6 +1,6 @@
 """The benchmark: raw in-process pipeline vs TorchServe end to end vs the usual recipe, side by side.
 
-    python -m bench.run                 # full run (27 minutes on 2 cores with three models), writes docs/results/benchmarks.json
+    python -m bench.run                 # full run (38 minutes on 2 cores with three models), writes docs/results/benchmarks.json
     python -m bench.run --quick         # shorter phases, for a smoke check
 
 Every figure comes from this one run on this machine: medians and ratios, with the CPU named.
