@@ -139,26 +139,23 @@ def beside_peer(tmp: Path, bodies: list[bytes], peer, args) -> dict:
     """Issue #36's gate side by side: the peer's raw batch 1 and serving batch (in this process,
     the server idle), one client, the peer again, saturation; ``args.beside_pairs`` times. The
     figures are medians over the pairs, so that a drift of the machine lands on both sides."""
-    c, bs, pairs = max(args.concurrency), args.batch_size, []
+    c, bs, pairs, rounds = max(args.concurrency), args.batch_size, [], []  # rounds: the peer's, {batch: s}
     for _ in range(args.beside_pairs):
         before_one = peer(args.beside_repeat)
         one = serve_phase(tmp, bodies, 1, args.low_s)
         before_sat = peer(args.beside_repeat)
         sat = serve_phase(tmp, bodies, c, args.sat_s)
+        rounds += [before_one, before_sat]
         pairs.append({"peer_s": [{str(b): t for b, t in p.items()} for p in (before_one, before_sat)],
                       "one_client": one, "saturation": sat})
-    peer_b1 = 1000 * statistics.median(p[1] for r in pairs for p in _peer_rounds(r))
-    peer_img_s = bs / statistics.median(p[bs] for r in pairs for p in _peer_rounds(r))
+    peer_b1 = 1000 * statistics.median(p[1] for p in rounds)
+    peer_img_s = bs / statistics.median(p[bs] for p in rounds)
     one_p50 = statistics.median(r["one_client"]["p50_ms"] for r in pairs)
     sat_img_s = statistics.median(r["saturation"]["img_s"] for r in pairs)
     return {"pairs": pairs, "concurrency": c, "batch_size": bs, "repeat": args.beside_repeat,
             "peer_b1_ms": peer_b1, "peer_img_s": peer_img_s, "one_client_p50_ms": one_p50,
             "saturation_img_s": sat_img_s, "throughput_ratio": sat_img_s / peer_img_s,
             "latency_margin_ms": one_p50 - peer_b1}
-
-
-def _peer_rounds(pair: dict) -> list[dict[int, float]]:
-    return [{int(b): t for b, t in p.items()} for p in pair["peer_s"]]
 
 
 def auto_mode(folder: Path) -> tuple[str, str]:
