@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy.stats import binom
 
 from calibration.outputs import Outputs
@@ -30,13 +29,13 @@ class Point:
     expected_dims: float
 
 
-def _tensor(t: Thresholds) -> torch.Tensor:
-    return torch.tensor([float("inf") if v is None else v for v in t], dtype=torch.float32)
+def _row(t: Thresholds) -> np.ndarray:
+    return np.array([float("inf") if v is None else v for v in t], dtype=np.float32)
 
 
 def exits(out: Outputs, t: Thresholds) -> np.ndarray:
     """(N,) exit index of every sample under thresholds ``t``."""
-    return exit_indices(torch.from_numpy(np.ascontiguousarray(out.conf, dtype=np.float32)), _tensor(t)).numpy()
+    return exit_indices(np.asarray(out.conf, dtype=np.float32), _row(t))
 
 
 def score(out: Outputs, t: Thresholds) -> Point:

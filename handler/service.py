@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from handler.capture import CaptureConfig, TrafficCapture
-from handler.cascade import CascadeResult, fixed_dim_row, run_cascade, threshold_rows
+from handler.cascade import CascadeResult, fixed_dim_row, run_cascade, threshold_rows, top_classes
 from handler.checkpoint import ModelCard, file_sha256, load_mrl_resnet50
 from handler.engine import Engine
 from handler.errors import InputError
@@ -215,7 +216,7 @@ class MRLService:
                     else:
                         out[i] = (200, v2_response(answer, v2[i], self.name) if i in v2 else answer)
                 if self.capture is not None:  # answered: a copy into a queue, a writer thread does the rest
-                    self.capture.record(result.size_conf.float().numpy(), result.size_label.numpy())
+                    self.capture.record(result.size_conf, result.size_label)
             except Exception:  # the batch's fault, not a request's: 500 for these items only
                 log.exception("inference failed for a batch of %d", len(crops))
                 for i in index:
@@ -307,13 +308,12 @@ class MRLService:
 
     def _answer(self, probs: torch.Tensor, emb: torch.Tensor,
                 opts: list[Options]) -> tuple[list[dict], CascadeResult]:
-        thresholds = torch.stack([self._rows[o.dim if o.dim is not None else o.operating_point] for o in opts])
-        result = run_cascade(probs.cpu(), thresholds, self.nesting)
-        k_max = max(o.top_k for o in opts)
-        top_p, top_i = result.probs.topk(k_max, dim=-1)
+        thresholds = np.stack([self._rows[o.dim if o.dim is not None else o.operating_point] for o in opts])
+        result = run_cascade(probs.float().cpu().numpy(), thresholds, self.nesting)
+        top_i, top_p = top_classes(result.probs, max(o.top_k for o in opts))
         classes = self.card.classes
         answers, exits, escalations, disagree = [], Counter(), Counter(), Counter()
-        full_label = probs[:, -1].argmax(dim=-1).cpu()  # the 2048-d head's answer, computed anyway
+        full_label = result.size_label[:, -1]  # the 2048-d head's answer, computed anyway
         for j, (o, tried) in enumerate(zip(opts, result.sizes_tried(self.nesting))):
             dim, point = int(result.exit_dim[j]), (FIXED_DIM if o.dim is not None else o.operating_point)
             answer = {

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from client.http import run_load
 from handler.capture import FLUSH_S, read_capture
@@ -53,7 +52,7 @@ def test_captured_records_are_the_answers(servers, tiny_checkpoint, tiny_thresho
     # Each answer is one record: its answering size's argmax and confidence, by the server's rule
     # (records come in batch order, so compare them as multisets).
     points = load_thresholds(tiny_thresholds, nesting=got.header["nesting"], checkpoint_sha256=None, numerics=None)
-    at = exit_indices(torch.from_numpy(got.conf), threshold_rows(points.points["balanced"], 1)[0]).numpy()
+    at = exit_indices(got.conf, threshold_rows(points.points["balanced"], 1)[0])
     rows = np.arange(len(at))
     recorded = sorted((int(p), float(c)) for p, c in zip(got.pred[rows, at], got.conf[rows, at]))
     answers = sorted((r.body["class_index"], r.body["confidence"]) for r in results)

@@ -1,0 +1,84 @@
+"""The TorchServe sink writes the lines TorchServe's own metrics would, a batch's lines at once."""
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+from handler import ts_handler
+from handler.metrics import METRICS
+
+YAML = Path(__file__).resolve().parents[2] / "monitoring" / "ts_metrics.yaml"
+
+
+@pytest.fixture()
+def cache():
+    c = MetricsCacheYamlImpl(config_file_path=str(YAML))
+    c.initialize_cache()
+    return c
+
+
+def _records(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "ts.metrics.caching_metric"]
+
+
+def _without_time(line: str) -> tuple[str, int]:
+    head, stamp = line.rsplit(",", 1)
+    return head, int(stamp)
+
+
+def test_every_metric_line_is_torchserves_own(cache, caplog):
+    sink = ts_handler.TorchServeSink(cache)
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    for spec in METRICS:
+        labels = [f"{label}-value" for label in spec.labels]
+        value = 0.25 if spec.kind != "counter" else 3
+        caplog.clear()
+        cache.get_metric(spec.name, ts_handler._TYPES[spec.kind]).add_or_update(value, labels)
+        (theirs,) = _records(caplog)
+        caplog.clear()
+        sink.emit(spec.name, value, labels)
+        sink.flush()
+        (ours,) = _records(caplog)
+        (t_head, t_time), (o_head, o_time) = _without_time(theirs), _without_time(ours)
+        assert o_head == t_head and abs(o_time - t_time) <= 1
+
+
+def test_a_batch_is_one_write_and_nothing_before_the_flush(cache, caplog):
+    sink = ts_handler.TorchServeSink(cache)
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    sink.emit("mrl_batches_total", 1, ("m",))
+    sink.emit("mrl_stage_seconds", 0.5, ("m", "decode"))
+    assert _records(caplog) == []
+    sink.flush()
+    (one,) = _records(caplog)
+    first, second = one.split("\n")
+    assert first.startswith("[METRICS]mrl_batches_total.") and second.startswith("[METRICS]mrl_stage_seconds.")
+    sink.flush()  # nothing left: no empty write
+    assert len(_records(caplog)) == 1
+
+
+def test_labels_that_do_not_match_the_declaration_are_refused(cache):
+    with pytest.raises(ValueError, match="mrl_batches_total"):
+        ts_handler.TorchServeSink(cache).emit("mrl_batches_total", 1, ("m", "extra"))
+
+
+def test_a_batch_that_raises_still_flushes_its_lines(cache, caplog):
+    sink = ts_handler.TorchServeSink(cache)
+
+    class Failing:
+        def __init__(self):
+            self.sink = sink
+
+        def handle(self, data, headers):
+            sink.emit("mrl_batches_total", 1, ("m",))
+            raise RuntimeError("boom")
+
+    h = ts_handler.MRLHandler()
+    h.service = Failing()
+    context = SimpleNamespace(get_all_request_header=lambda i: {})
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    with pytest.raises(RuntimeError):
+        h.handle([{"body": b""}], context)
+    assert len(_records(caplog)) == 1
