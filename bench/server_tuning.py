@@ -4,8 +4,8 @@ loses against its raw pipeline shows in the worker's own stage times (``mrl_stag
 decode, forward, cascade per batch), its mean batch and busy share, and each process's CPU share
 (the Java frontend, the Python worker, this client).
 
-    python -m bench.server_tuning [--model imagenet|demo|han1000] [--numerics int8] [--rounds 2]
-                                  [--variants config,jvm_default] [--concurrency 1,16]
+    python -m bench.server_tuning [--model imagenet|demo|han1000] [--numerics int8|openvino] [--rounds 2]
+                                  [--variants config,jvm_tiered] [--concurrency 1,16]
                                   # docs/results/server_tuning_<model>.json
 
 Variants (``VARIANTS``): ``config`` is config.properties as committed; the others change one
@@ -32,6 +32,7 @@ from bench.harness import (
     imagenet_inputs,
     int8_for,
     make_checkpoints,
+    openvino_for,
     save_report,
     serve_phase,
     server,
@@ -44,7 +45,9 @@ VARIANTS = {
     "config": {},
     # TorchServe's own batching: a partial batch waits maxBatchDelay (the archive's 1 ms) for company
     "torchserve_batching": {"overrides": {"vmargs": config_vmargs(drop=(GREEDY,))}},
-    "jvm_default": {"overrides": {"vmargs": ""}},  # the JVM's own defaults: tiered C2, G1
+    "jvm_default": {"overrides": {"vmargs": ""}},  # the JVM's own defaults: tiered C2, G1 (and no agent)
+    # C2 as well as C1 (the JVM's tiered default), the rest of the committed vmargs kept
+    "jvm_tiered": {"overrides": {"vmargs": config_vmargs(drop=("-XX:TieredStopAtLevel=1",))}},
     "netty1": {"overrides": {"number_of_netty_threads": "1", "netty_client_threads": "1"}},
     "omp_passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}},  # worker threads sleep, not spin, when idle
     # libgomp's idle threads spin 300,000 rounds before they sleep where neither OMP_WAIT_POLICY nor
@@ -112,7 +115,8 @@ def phase(tmp: Path, bodies: list[bytes], concurrency: int, seconds: float) -> d
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="imagenet", choices=("imagenet", *BUNDLED))
-    p.add_argument("--numerics", default="int8", choices=("fp32", "int8"))
+    p.add_argument("--numerics", default="int8", choices=("fp32", "int8", "openvino"),
+                   help="openvino: int8 on the OpenVINO engine (runtime openvino)")
     p.add_argument("--variants", default="config,jvm_default")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--phases", type=int, default=2, help="saturation phases per start")
@@ -137,9 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             folder, spec = BUNDLED[args.model]
             ckpt, thresholds, bodies = folder / "mrl_resnet50_fp16.pt", folder / "thresholds.json", demo_inputs(spec=spec)
-        calib = calibration_folder(tmp, args.model, bodies) if thresholds is None and args.numerics == "int8" else None
+        int8 = args.numerics in ("int8", "openvino")
+        calib = calibration_folder(tmp, args.model, bodies) if thresholds is None and int8 else None
         if args.numerics == "int8":
             int8_for(ckpt, calib, thresholds)  # built (or found) once, before any timing
+        elif int8:
+            openvino_for(ckpt, calib, thresholds)
         stores = {}
         for n in names:
             v = VARIANTS[n]
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             # batch size and delay: build_archive.py's defaults unless the variant says
             archive(ckpt, stores[n], graph=mode["graph"], batch_size=v.get("batch_size"),
                     batch_delay=v.get("batch_delay"), workers=v.get("workers", 1), thresholds=thresholds,
-                    numerics=args.numerics if args.numerics == "int8" else None, int8_data=calib)
+                    numerics="int8" if int8 else None, runtime=mode.get("runtime"), int8_data=calib)
         for rnd in range(args.rounds):
             for n in (names if rnd % 2 == 0 else names[::-1]):  # ABBA: a drift lands on both sides
                 v = VARIANTS[n]
