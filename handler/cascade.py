@@ -6,8 +6,8 @@ answers. A threshold of +inf skips a size: it is never tried (this is how a fixe
 request is expressed, and how an operating point can skip sizes).
 
 In NumPy, not torch: a worker runs it right after a forward pass has swept the caches, where
-each of torch's small ops paid its dispatch cold (a lone ImageNet-size request's cascade took
-0.39 ms served against 0.07 ms warm; docs/benchmarks.md).
+each of torch's small ops paid its dispatch cold (a lone ImageNet-size request's rule took 0.39 ms
+right after an OpenVINO forward, 0.07 ms warm; docs/benchmarks.md, "Server tuning").
 """
 from __future__ import annotations
 
