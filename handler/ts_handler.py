@@ -76,6 +76,7 @@ class TorchServeSink:
 class MRLHandler:
     def __init__(self) -> None:
         self.service: MRLService | None = None
+        self.sink: TorchServeSink | None = None  # the service's, flushed here once a batch
 
     def initialize(self, context) -> None:
         t0 = time.perf_counter()
@@ -86,10 +87,11 @@ class MRLHandler:
         device = f"cuda:{gpu}" if gpu is not None and _cuda_available() else "cpu"
         threads = configure_threads(settings.threads)
         batch_size = int(props.get("batch_size") or 1)
+        self.sink = TorchServeSink(context.metrics)
         self.service = MRLService.from_dir(
             props["model_dir"], name=context.model_name, device=device,
             graph=settings.graph, batch_sizes=_warm_sizes(batch_size), channels_last=settings.channels_last,
-            jpeg_draft=settings.jpeg_draft, onednn_fusion=settings.onednn_fusion, sink=TorchServeSink(context.metrics),
+            jpeg_draft=settings.jpeg_draft, onednn_fusion=settings.onednn_fusion, sink=self.sink,
             capture=settings.capture, gallery_dir=settings.gallery_dir,
             **({"exact_max_items": settings.exact_max_items} if settings.exact_max_items is not None else {}),
             graph_cache=settings.graph_cache, numerics=settings.numerics, runtime=settings.runtime,
@@ -107,14 +109,14 @@ class MRLHandler:
         log.info("mrl worker start: process_age_s=%.2f initialize_s=%.2f graph_s=%.2f warm_up_s=%.2f "
                  "graph_cached=%s", _process_age_s(), time.perf_counter() - t0, t["graph_s"], t["warm_up_s"],
                  self.service.engine.graph_cached)
-        self.service.sink.flush()  # anything a start emitted
+        self.sink.flush()  # anything a start emitted
 
     def handle(self, data, context) -> list[str]:
         headers = [context.get_all_request_header(i) for i in range(len(data))]
         try:
             results = self.service.handle(data, headers)
         finally:  # the batch's metric lines, before its responses leave
-            self.service.sink.flush()
+            self.sink.flush()
         bodies = []
         for i, (status, body) in enumerate(results):
             # v1 errors carry a type; Open Inference Protocol errors are {"error": ...} only.

@@ -68,15 +68,12 @@ def test_a_batch_that_raises_still_flushes_its_lines(cache, caplog):
     sink = ts_handler.TorchServeSink(cache)
 
     class Failing:
-        def __init__(self):
-            self.sink = sink
-
         def handle(self, data, headers):
             sink.emit("mrl_batches_total", 1, ("m",))
             raise RuntimeError("boom")
 
     h = ts_handler.MRLHandler()
-    h.service = Failing()
+    h.service, h.sink = Failing(), sink
     context = SimpleNamespace(get_all_request_header=lambda i: {})
     caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
     with pytest.raises(RuntimeError):
