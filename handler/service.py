@@ -91,6 +91,12 @@ class MRLService:
         if not points.fitted:
             log.warning("no fitted thresholds: every request is answered at %d dims "
                         "(operating_point=%s)", self.nesting[-1], points.default)
+        # Gauges that do not change while this service lives: set once, at start (a worker flushes
+        # what its start emitted), not with every batch. Each line costs the frontend a parse on
+        # the cores the model needs (docs/benchmarks.md, "Server tuning").
+        self.sink.emit("mrl_numerics_info", 1, (self.name, self.numerics))
+        for point, ratio in self.points.alert_disagreement.items():  # the alert's line, beside its ratio
+            self.sink.emit("mrl_disagreement_alert_ratio", ratio, (self.name, point))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, gallery_dir: str | Path | None = None, graph_cache: bool = True,
@@ -338,11 +344,7 @@ class MRLService:
             self.sink.emit("mrl_cascade_exits_total", n, (self.name, dim, point))
         for point, n in disagree.items():  # zeros too: the ratio's numerator exists from the start
             self.sink.emit("mrl_cascade_disagreements_total", n, (self.name, point))
-            if point in self.points.alert_disagreement:  # the alert's line, beside the ratio it watches
-                self.sink.emit("mrl_disagreement_alert_ratio", self.points.alert_disagreement[point],
-                               (self.name, point))
         self.sink.emit("mrl_embedding_dims_total", int(result.exit_dim.sum()), (self.name,))
-        self.sink.emit("mrl_numerics_info", 1, (self.name, self.numerics))
         for m, n in escalations.items():
             self.sink.emit("mrl_cascade_escalations_total", n, (self.name, m))
         return answers, result

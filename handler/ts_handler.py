@@ -73,6 +73,24 @@ class TorchServeSink:
             _TS_METRICS_LOG.info("\n".join(lines))
 
 
+# TorchServe's worker logs this line (its root logger, to stdout) for every batch it reads; the
+# frontend reads it back, matches it against its patterns and writes it to model_log.log: a line a
+# batch that says only the second it arrived (access_log.log has every request), and work for the
+# frontend on the cores the model needs. The filter drops that record and nothing else.
+_TS_RECEIVED = "Backend received inference at: %d"
+
+
+def _not_torchserve_received(record: logging.LogRecord) -> bool:
+    return record.msg != _TS_RECEIVED
+
+
+def quiet_torchserve_worker(root: logging.Logger | None = None) -> None:
+    """Drop TorchServe's per-batch "Backend received inference at" line (once per process)."""
+    root = root or logging.getLogger()
+    if _not_torchserve_received not in root.filters:
+        root.addFilter(_not_torchserve_received)
+
+
 class MRLHandler:
     def __init__(self) -> None:
         self.service: MRLService | None = None
@@ -80,6 +98,7 @@ class MRLHandler:
 
     def initialize(self, context) -> None:
         t0 = time.perf_counter()
+        quiet_torchserve_worker()
         props = context.system_properties
         config = getattr(context, "model_yaml_config", None) or {}
         settings = WorkerSettings.from_config(config)

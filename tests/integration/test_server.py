@@ -252,8 +252,10 @@ def test_the_frontend_jvm_runs_with_the_configured_options(tiny_server):
 
 
 def test_the_frontend_logs_with_the_projects_configuration(tiny_server, test_images):
-    """monitoring/log4j2.xml reaches the JVM: every request in the access log, none of TorchServe's
-    per-request, per-metric-line or DEBUG lines in ts_log.log, and its lines written once."""
+    """monitoring/log4j2.xml reaches the JVM: every request in the access log (written by log4j's
+    own thread: config.properties' async_logging), none of TorchServe's per-request, per-batch,
+    per-metric-line or DEBUG lines in ts_log.log, none of its worker's per-batch lines in
+    model_log.log, and each line written once."""
     from model_store.serve import LOG_CONFIG
 
     frontend = next(argv for argv in _frontends())
@@ -269,8 +271,12 @@ def test_the_frontend_logs_with_the_projects_configuration(tiny_server, test_ima
         time.sleep(0.2)
     ts_log = (logs / "ts_log.log").read_text().splitlines()
     assert ts_log, "ts_log.log is empty"
-    for noise in ("Sending response for jobId", "result=[METRICS]", "[DEBUG]"):
+    for noise in ("Sending response for jobId", "result=[METRICS]", "[DEBUG]",
+                  "Looping backend response at", "Backend response time"):
         assert not any(noise in line for line in ts_log), noise
+    model_log = (logs / "model_log.log").read_text()
+    assert "mrl handler ready" in model_log  # the worker's own lines still arrive
+    assert "Backend received inference at" not in model_log  # TorchServe's, once a batch: dropped
     # Logged once a start; TorchServe's own configuration writes every ts_log line twice.
     assert sum("Loading snapshot serializer plugin" in line for line in ts_log) == 1
 

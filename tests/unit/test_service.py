@@ -245,8 +245,12 @@ def test_the_alert_line_is_exported_beside_the_ratio(tiny_checkpoint, gray_png):
     points = OperatingPoints({"balanced": (0.26,) + (None,) * 7, "exact": (None,) * 8}, "balanced", {},
                              alert_disagreement={"balanced": 0.012})
     svc = MRLService(model, card, points, name="m", sink=PrometheusSink(registry), batch_sizes=(8,))
-    svc.handle([{"body": gray_png}, {"body": gray_png, "operating_point": b"exact"}])
     line = lambda p: registry.get_sample_value("mrl_disagreement_alert_ratio",  # noqa: E731
                                                {"model_name": "m", "operating_point": p})
-    assert line("balanced") == 0.012
+    numerics = lambda: registry.get_sample_value("mrl_numerics_info",  # noqa: E731
+                                                 {"model_name": "m", "numerics": svc.numerics})
+    # Set at start, before any request: the dashboard's line and the numerics are there from the first scrape.
+    assert line("balanced") == 0.012 and numerics() == 1
     assert line("exact") is None  # no line: the alert cannot fire for exact
+    svc.handle([{"body": gray_png}, {"body": gray_png, "operating_point": b"exact"}])
+    assert line("balanced") == 0.012 and line("exact") is None and numerics() == 1

@@ -79,3 +79,42 @@ def test_a_batch_that_raises_still_flushes_its_lines(cache, caplog):
     with pytest.raises(RuntimeError):
         h.handle([{"body": b""}], context)
     assert len(_records(caplog)) == 1
+
+
+def test_the_worker_drops_torchserves_per_batch_received_line_and_nothing_else(caplog):
+    """TorchServe's own message reader logs "Backend received inference at" for every batch; the
+    handler's filter drops that record (the frontend would write it to model_log.log) and no other."""
+    import socket
+    import struct
+
+    from ts.protocol.otf_message_handler import retrieve_msg
+
+    def field(b: bytes) -> bytes:
+        return struct.pack("!i", len(b)) + b
+
+    end = struct.pack("!i", -1)
+    # one request: id, no headers, one input named body, then the end of the batch
+    message = (b"I" + field(b"req-1") + end + field(b"body") + field(b"application/octet-stream")
+               + field(b"\x89PNG") + end + end)
+    root = logging.getLogger()
+    caplog.set_level(logging.INFO)
+    a, b = socket.socketpair()
+    try:
+        a.sendall(message)
+        cmd, batch = retrieve_msg(b)  # unfiltered: TorchServe's line is there
+        assert cmd == b"I" and batch[0]["parameters"][0]["value"] == b"\x89PNG"
+        assert any(r.getMessage().startswith("Backend received inference at") for r in caplog.records)
+        caplog.clear()
+        ts_handler.quiet_torchserve_worker(root)
+        ts_handler.quiet_torchserve_worker(root)  # once per process, however often called
+        assert root.filters.count(ts_handler._not_torchserve_received) == 1
+        a.sendall(message)
+        retrieve_msg(b)
+        logging.info("Backend received something else at: %d", 1)
+        messages = [r.getMessage() for r in caplog.records]
+        assert not any(m.startswith("Backend received inference at") for m in messages), messages
+        assert "Backend received something else at: 1" in messages
+    finally:
+        root.removeFilter(ts_handler._not_torchserve_received)
+        a.close()
+        b.close()
