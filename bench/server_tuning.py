@@ -63,7 +63,7 @@ VARIANTS = {
 CLK = os.sysconf("SC_CLK_TCK")
 # the worker's stage and batch counters, and the frontend's queue time of the requests it answered
 STAGE = re.compile(r'^(mrl_stage_seconds_sum|mrl_stage_seconds_count|mrl_batches_total|mrl_batch_items_total'
-                   r'|ts_queue_latency_microseconds|ts_inference_requests_total)\{([^}]*)\} ([0-9.eE+-]+)$')
+                   r'|ts_queue_latency_microseconds|ts_inference_latency_microseconds|ts_inference_requests_total)\{([^}]*)\} ([0-9.eE+-]+)$')
 
 
 def worker_counters(port: int = 8082) -> dict[str, float]:
@@ -106,6 +106,10 @@ def phase(tmp: Path, bodies: list[bytes], concurrency: int, seconds: float) -> d
     return {**r, "batch_mean": d.get("mrl_batch_items_total", 0) / max(d.get("mrl_batches_total", 0), 1),
             # how long a request waited for a worker: at one client, the batch delay it paid
             "queue_ms": d.get("ts_queue_latency_microseconds", 0) / 1000 / max(d.get("ts_inference_requests_total", 0), 1),
+            # the frontend's own time for a request, from its arrival to its answer leaving (the
+            # client's latency less this is HTTP and the client; this less the worker's stages is
+            # the queue, the hops to the worker and back, and TorchServe's Python around our handler)
+            "frontend_ms": d.get("ts_inference_latency_microseconds", 0) / 1000 / max(d.get("ts_inference_requests_total", 0), 1),
             "worker_busy": busy / wall,
             "ms_per_batch": {s: 1000 * d[f"mrl_stage_seconds_sum:{s}"] / max(d[f"mrl_stage_seconds_count:{s}"], 1)
                              for s in stages},

@@ -67,19 +67,24 @@ def run_cascade(probs: np.ndarray, thresholds: np.ndarray, nesting: Sequence[int
     """Apply the cascade rule to per-size class probabilities.
 
     probs:      (B, S, C) softmax outputs, one row per nesting size.
-    thresholds: (S-1,) or (B, S-1) thresholds for every size but the last; +inf skips a size.
+    thresholds: (S-1,), (1, S-1) or (B, S-1) thresholds for every size but the last; +inf skips a size.
+
+    Only NumPy's C functions on the way (no take_along_axis, broadcast_to or isposinf, whose Python
+    bodies cost a lone request 0.1 ms cold; docs/benchmarks.md, "Server tuning").
     """
     probs = np.asarray(probs)
     b, s, _ = probs.shape
     if s != len(nesting):
         raise ValueError(f"probs have {s} sizes but the nesting has {len(nesting)}: {list(nesting)}")
-    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float32), (b, s - 1))
+    thresholds = np.asarray(thresholds, dtype=np.float32)
+    if thresholds.shape[-1:] != (s - 1,) or thresholds.ndim > 2 or (thresholds.ndim == 2 and len(thresholds) not in (1, b)):
+        raise ValueError(f"thresholds must be ({s - 1},) or ({b}, {s - 1}), got {thresholds.shape}")
     label = probs.argmax(axis=-1)  # (B, S)
-    conf = np.take_along_axis(probs, label[..., None], axis=-1)[..., 0]
+    conf = probs.max(axis=-1)  # (B, S): the probability at label
     exit_index = exit_indices(conf, thresholds)
     rows = np.arange(b)
     tried = np.arange(s) <= exit_index[:, None]
-    tried[:, :-1] &= ~np.isposinf(thresholds)
+    tried[:, :-1] &= thresholds != INF
     return CascadeResult(exit_index=exit_index, exit_dim=np.asarray(nesting)[exit_index],
                          label=label[rows, exit_index], confidence=conf[rows, exit_index].astype(np.float32),
                          probs=probs[rows, exit_index].astype(np.float32), tried=tried,
@@ -89,10 +94,10 @@ def run_cascade(probs: np.ndarray, thresholds: np.ndarray, nesting: Sequence[int
 def top_classes(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, C) probabilities -> the ``k`` most probable classes of each row, most probable first, and
     their probabilities, both (B, k); equal probabilities in class order."""
+    rows = np.arange(len(probs))[:, None]
     if k < probs.shape[-1]:  # the k largest in linear time, then only those sorted
         part = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
-        order = np.lexsort((part, -np.take_along_axis(probs, part, -1)), axis=-1)
-        idx = np.take_along_axis(part, order, -1)
+        idx = part[rows, np.lexsort((part, -probs[rows, part]), axis=-1)]
     else:
         idx = np.argsort(-probs, axis=-1, kind="stable")
-    return idx, np.take_along_axis(probs, idx, -1)
+    return idx, probs[rows, idx]

@@ -110,24 +110,31 @@ class _OpenVINOServing:
             compiled = core.compile_model(m, "CPU", {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads})
             self.requests[b] = (compiled.create_infer_request(), compiled.outputs)
 
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         request, outputs = self.requests[len(x)]
-        out = request.infer(x.contiguous().numpy(), share_inputs=True)  # no copy where already contiguous
+        out = request.infer(x, share_inputs=True, share_outputs=True)  # no copy of the input
         # copies: the request reuses its output buffers on the next call
-        return torch.from_numpy(out[outputs[0]].copy()), torch.from_numpy(out[outputs[1]].copy())
+        return out[outputs[0]].copy(), out[outputs[1]].copy()
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, embs, top = [], [], self.sizes[-1]
-        for start in range(0, len(x), top):
+    def __call__(self, x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch in NumPy from end to end (a CPU tensor is viewed, not copied), torch only for
+        the answer: after a forward that has swept the caches, each torch op on the way costs tens
+        of microseconds, 0.14 ms of a lone request's (docs/benchmarks.md, "Server tuning")."""
+        x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x)
+        n, top = len(x), self.sizes[-1]
+        probs, embs = [], []
+        for start in range(0, n, top):
             chunk = x[start:start + top]
-            n = len(chunk)
-            b = next(s for s in self.sizes if s >= n)
-            if b > n:
-                chunk = torch.cat([chunk, chunk.new_zeros(b - n, *chunk.shape[1:])])
+            m = len(chunk)
+            b = next(s for s in self.sizes if s >= m)
+            if b > m:
+                chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), dtype=chunk.dtype)])
             p, e = self._run(chunk)
-            probs.append(p[:n])
-            embs.append(e[:n])
-        return (probs[0], embs[0]) if len(probs) == 1 else (torch.cat(probs), torch.cat(embs))
+            probs.append(p[:m])
+            embs.append(e[:m])
+        if len(probs) == 1:
+            return torch.from_numpy(probs[0]), torch.from_numpy(embs[0])
+        return torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(embs))
 
 
 class Engine:
@@ -292,16 +299,16 @@ class Engine:
             for _ in range(2 if self.graph == "jit" else 1):
                 self(x)
 
-    def model_input(self, crops: list[np.ndarray], normalize: Normalizer) -> torch.Tensor:
+    def model_input(self, crops: list[np.ndarray], normalize: Normalizer) -> torch.Tensor | np.ndarray:
         """A batch of uint8 crops (``crop_image``) as this engine takes it: normalized floats in
         ``memory_format`` (``normalize``), or, where OpenVINO normalizes in its graph
-        (``fused_input``), the crops stacked as uint8 (B, H, W, 3), grayscale replicated."""
+        (``fused_input``), the crops stacked as a uint8 array (B, H, W, 3), grayscale replicated."""
         if not self.fused_input:
             return normalize(crops)
         batch = np.stack(crops)
         if batch.ndim == 3:  # grayscale (B, H, W): the same pixel in each channel, as Normalizer
             batch = np.repeat(batch[..., None], 3, axis=-1)
-        return torch.from_numpy(batch)
+        return batch
 
     def example(self, batch: int, input_size: int, *, random: bool = True) -> torch.Tensor:
         """A batch of ``batch`` inputs of this engine's kind (random or zeros), for warm-up and timing."""
@@ -311,12 +318,15 @@ class Engine:
         x = torch.randn(batch, 3, input_size, input_size) if random else torch.zeros(batch, 3, input_size, input_size)
         return x.to(self.device, memory_format=self.memory_format)
 
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) normalized images -> ((B, S, C) probabilities, (B, 2048) embedding), fp32;
-        with ``fused_input`` (B, H, W, 3) uint8 crops (``model_input``)."""
-        if self.fused_input:
+        with ``fused_input`` (B, H, W, 3) uint8 crops (``model_input``: an array or a tensor)."""
+        if self.fused_input:  # OpenVINO's graph: no torch op on the way (_OpenVINOServing)
             return self.module(x)
+        return self._forward(x)
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             probs, emb = self.module(x.to(self.device, memory_format=self.memory_format, non_blocking=True))
         return probs, emb

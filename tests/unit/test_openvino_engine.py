@@ -93,13 +93,16 @@ def test_a_real_openvino_program_serves_through_the_same_service(tmp_path):
     # the demo's crops are grayscale (H, W) uint8; OpenVINO takes them as (B, H, W, 3) and normalizes
     crops = [np.random.default_rng(i).integers(0, 256, (32, 32), dtype=np.uint8) for i in range(11)]
     x = svc.engine.model_input(crops, svc.normalize)
-    assert svc.engine.fused_input and x.dtype == torch.uint8 and x.shape == (11, 32, 32, 3)
+    assert svc.engine.fused_input and x.dtype == np.uint8 and x.shape == (11, 32, 32, 3)
     probs, emb = svc.engine(x)
     assert probs.shape == (11, len(card.nesting), 10) and emb.shape == (11, 2048)
+    assert probs.dtype == torch.float32 and emb.dtype == torch.float32
     # padding and chunks change nothing: 11 = 8 + 3 (run on the batch-4 graph, zero-padded)
     p8, _ = svc.engine(x[:8])
-    p4, _ = svc.engine(torch.cat([x[8:], torch.zeros_like(x[:1])]))
+    p4, _ = svc.engine(np.concatenate([x[8:], np.zeros_like(x[:1])]))
     assert torch.equal(probs[:8], p8) and torch.equal(probs[8:], p4[:3])
+    # a tensor of the same crops (the warm-up's examples are tensors) gives the same answer
+    assert torch.equal(svc.engine(torch.from_numpy(x))[0], probs)
     # normalizing in OpenVINO's graph computes what Normalizer's floats give the same program
     floats = Engine(model, numerics="int8", int8_program=program, input_size=32, batch_sizes=(8,))
     assert not floats.fused_input and svc.engine.example(2, 32).shape == (2, 32, 32, 3)
