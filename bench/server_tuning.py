@@ -1,8 +1,9 @@
 """Server settings side by side: one model's archive served under each variant of the server's
 settings, started in alternating order (ABAB...), each measured at saturation. Where the server
 loses against its raw pipeline shows in the worker's own stage times (``mrl_stage_seconds``:
-decode, forward, cascade per batch), its mean batch and busy share, and each process's CPU share
-(the Java frontend, the Python worker, this client).
+decode, forward, cascade per batch), its mean batch and busy share, the frontend's own time per
+request (``frontend_ms``), and each process's CPU share (the Java frontend, the Python worker,
+this client).
 
     python -m bench.server_tuning [--model imagenet|demo|han1000] [--numerics int8|openvino] [--rounds 2]
                                   [--variants config,jvm_tiered] [--concurrency 1,16]
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "img_s": statistics.median(r["img_s"] for r in runs),
                 "p50_ms": statistics.median(r["p50_ms"] for r in runs),
                 "queue_ms": statistics.median(r["queue_ms"] for r in runs),
+                "frontend_ms": statistics.median(r["frontend_ms"] for r in runs),
                 "worker_busy": statistics.median(r["worker_busy"] for r in runs),
                 "worker_ms_per_batch": statistics.median(sum(r["ms_per_batch"].values()) for r in runs),
                 "forward_ms": statistics.median(r["ms_per_batch"].get("forward", 0) for r in runs),
