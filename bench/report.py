@@ -150,7 +150,7 @@ def peers_against_server(report: dict) -> list[str]:
         ov = r["batches"][bs][ov_mode]["openvino_img_s"]
         ov1 = min(v["openvino_ms"] for v in r["batches"]["1"].values())
         p50 = rows[best]["server"]["one_client"]["p50_ms"]
-        out.append(f"{name}: server in {best} {sat:.1f} img/s = {sat / ov:.2f}x OpenVINO {ov_mode}'s raw {ov:.1f} img/s "
+        out.append(f"{name}: server in {best} {sat:.1f} img/s = {sat / ov:.3f}x OpenVINO {ov_mode}'s raw {ov:.1f} img/s "
                    f"at batch {bs} (target {GATE_RATIO}x: {_met(sat >= GATE_RATIO * ov)}); one client p50 "
                    f"{p50:.1f} ms against OpenVINO's best raw batch-1 {ov1:.1f} ms + {GATE_MARGIN_MS} ms "
                    f"({_met(p50 <= ov1 + GATE_MARGIN_MS)})")
@@ -164,7 +164,7 @@ def beside_line(name: str, mode: str, b: dict) -> str:
     """The gate measured side by side (bench/run.py: beside_peer)."""
     return (f"{name}, side by side ({len(b['pairs'])} pairs, each the peer's raw batches then a server phase, "
             f"in the same minutes): server in {mode} {b['saturation_img_s']:.1f} img/s at c={b['concurrency']} "
-            f"= {b['throughput_ratio']:.2f}x OpenVINO int8's raw {b['peer_img_s']:.1f} img/s at batch "
+            f"= {b['throughput_ratio']:.3f}x OpenVINO int8's raw {b['peer_img_s']:.1f} img/s at batch "
             f"{b['batch_size']} (target {GATE_RATIO}x: {_met(b['throughput_ratio'] >= GATE_RATIO)}); one client p50 "
             f"{b['one_client_p50_ms']:.1f} ms against its raw batch-1 {b['peer_b1_ms']:.1f} ms + {GATE_MARGIN_MS} ms "
             f"({_met(b['latency_margin_ms'] <= GATE_MARGIN_MS)})")
