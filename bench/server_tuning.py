@@ -40,12 +40,14 @@ from bench.harness import (
 )
 from handler.engine import configure_threads
 from model_store.build_archive import archive
-from model_store.serve import GREEDY, config_vmargs
+from model_store.serve import GREEDY, INLINE_SEND, config_vmargs
 
 VARIANTS = {
     "config": {},
     # TorchServe's own batching: a partial batch waits maxBatchDelay (the archive's 1 ms) for company
     "torchserve_batching": {"overrides": {"vmargs": config_vmargs(drop=(GREEDY,))}},
+    # TorchServe's runAsync: each batch's write to the worker on a thread of its own (InlineSend.java)
+    "torchserve_send": {"overrides": {"vmargs": config_vmargs(drop=(INLINE_SEND,))}},
     "jvm_default": {"overrides": {"vmargs": ""}},  # the JVM's own defaults: tiered C2, G1 (and no agent)
     # C2 as well as C1 (the JVM's tiered default), the rest of the committed vmargs kept
     "jvm_tiered": {"overrides": {"vmargs": config_vmargs(drop=("-XX:TieredStopAtLevel=1",))}},

@@ -64,7 +64,8 @@ def build(jar: Path = JAR, frontend: Path | None = None) -> Path:
                         *map(str, sorted(SOURCES.rglob("*.java")))], check=True)
         classes = sorted(p for p in out.rglob("*.class"))
         replaced = out / f"{REPLACED}.class"
-        if replaced not in classes or len(classes) != 5:  # Agent, its Swap and Greedy, GreedyBatching, the replacement
+        # Agent, its Swap and Rewrite, Calls, GreedyBatching, InlineSend, the replacement
+        if replaced not in classes or len(classes) != 7:
             raise RuntimeError(f"unexpected classes from {SOURCES}: {[str(c.relative_to(out)) for c in classes]}")
         jar.parent.mkdir(parents=True, exist_ok=True)
         part = jar.with_suffix(".part")

@@ -54,6 +54,7 @@ def served_models(model_store: Path = ROOT / "model_store") -> list[str]:
 
 
 GREEDY = "-Dmrl.batching=greedy"  # config.properties' vmargs: the agent's greedy batching
+INLINE_SEND = "-Dmrl.send=inline"  # and its batches written by the thread that took them
 
 
 def _vmargs(config: Path) -> str:

@@ -34,6 +34,9 @@ def test_greedy_batching_answers_a_lone_request_at_once_and_still_batches_under_
         after = server.scrape()
         log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log"))
     assert "greedy batching: a worker takes what is queued" in log
+    # the batches reached the worker from the WorkerThread itself (config.properties' -Dmrl.send=inline)
+    assert "inline send: a worker thread writes its batch to its worker itself" in log
+    assert "NOT enabled" not in log
     assert statistics.median(lone) < DELAY_MS / 2, lone
     assert [r.status for r in results] == [200] * 96
     batches = _counter(after, "mrl_batches_total") - _counter(before, "mrl_batches_total")

@@ -5,6 +5,7 @@ import java.io.InputStream;
 import java.lang.instrument.ClassFileTransformer;
 import java.lang.instrument.Instrumentation;
 import java.security.ProtectionDomain;
+import java.util.function.UnaryOperator;
 
 /**
  * A Java agent that gives TorchServe 0.12 the Open Inference Protocol's model routes.
@@ -17,7 +18,8 @@ import java.security.ProtectionDomain;
  * Started with -javaagent:mrl-oip.jar (vmargs in config.properties).
  *
  * <p>With -Dmrl.batching=greedy it also sends the queue polls of TorchServe's Model class to
- * {@link GreedyBatching}: a worker takes what is queued and never waits for more.
+ * {@link GreedyBatching}: a worker takes what is queued and never waits for more. With
+ * -Dmrl.send=inline a WorkerThread writes each batch to its worker itself ({@link InlineSend}).
  */
 public final class Agent {
     static final String TARGET = "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler";
@@ -37,29 +39,52 @@ public final class Agent {
         System.err.println("mrl-oip agent: OIP model routes enabled (GET /v2/models/{m}, /v2/models/{m}/ready)");
         String batching = System.getProperty("mrl.batching", "torchserve");
         if ("greedy".equals(batching)) {
-            inst.addTransformer(new Greedy());
+            inst.addTransformer(new Rewrite(GreedyBatching.TARGET, GreedyBatching::patch,
+                    "greedy batching: a worker takes what is queued and never waits maxBatchDelay ("
+                            + GreedyBatching.SITES + " queue polls of " + GreedyBatching.TARGET + ")",
+                    "greedy batching NOT enabled, TorchServe's batching kept"));
         } else if (!"torchserve".equals(batching)) {
             System.err.println("mrl-oip agent: -Dmrl.batching=" + batching + " is neither greedy nor torchserve: "
                     + "TorchServe's batching kept");
         }
+        String send = System.getProperty("mrl.send", "torchserve");
+        if ("inline".equals(send)) {
+            inst.addTransformer(new Rewrite(InlineSend.TARGET, InlineSend::patch,
+                    "inline send: a worker thread writes its batch to its worker itself, no thread started"
+                            + " for it (" + InlineSend.SITES + " runAsync call of " + InlineSend.TARGET + ")",
+                    "inline send NOT enabled, TorchServe's runAsync kept"));
+        } else if (!"torchserve".equals(send)) {
+            System.err.println("mrl-oip agent: -Dmrl.send=" + send + " is neither inline nor torchserve: "
+                    + "TorchServe's runAsync kept");
+        }
     }
 
-    /** Model's queue polls sent to GreedyBatching.poll; the class as it is where that fails. */
-    static final class Greedy implements ClassFileTransformer {
+    /** One class of TorchServe rewritten as the JVM loads it; the class as it is where that fails. */
+    static final class Rewrite implements ClassFileTransformer {
+        private final String target;
+        private final UnaryOperator<byte[]> patch;
+        private final String enabled;
+        private final String kept;
+
+        Rewrite(String target, UnaryOperator<byte[]> patch, String enabled, String kept) {
+            this.target = target;
+            this.patch = patch;
+            this.enabled = enabled;
+            this.kept = kept;
+        }
+
         @Override
         public byte[] transform(ClassLoader loader, String className, Class<?> redefined,
                                 ProtectionDomain domain, byte[] original) {
-            if (!GreedyBatching.TARGET.equals(className) || redefined != null) {
+            if (!target.equals(className) || redefined != null) {
                 return null;
             }
             try {
-                byte[] patched = GreedyBatching.patch(original);
-                System.err.println("mrl-oip agent: greedy batching: a worker takes what is queued and "
-                        + "never waits maxBatchDelay (" + GreedyBatching.SITES + " queue polls of "
-                        + className + ")");
+                byte[] patched = patch.apply(original);
+                System.err.println("mrl-oip agent: " + enabled);
                 return patched;
             } catch (RuntimeException e) { // the JVM would drop it silently: say so, keep the class
-                System.err.println("mrl-oip agent: greedy batching NOT enabled, TorchServe's batching kept: " + e);
+                System.err.println("mrl-oip agent: " + kept + ": " + e);
                 return null;
             }
         }
