@@ -106,13 +106,14 @@ def phase(tmp: Path, bodies: list[bytes], concurrency: int, seconds: float) -> d
     d = {k: v - c0.get(k, 0.0) for k, v in c1.items()}
     stages = sorted(k.split(":")[1] for k in d if k.startswith("mrl_stage_seconds_sum:"))
     busy = sum(d[f"mrl_stage_seconds_sum:{s}"] for s in stages)
+    requests = max(d.get("ts_inference_requests_total", 0), 1)
     return {**r, "batch_mean": d.get("mrl_batch_items_total", 0) / max(d.get("mrl_batches_total", 0), 1),
             # how long a request waited for a worker: at one client, the batch delay it paid
-            "queue_ms": d.get("ts_queue_latency_microseconds", 0) / 1000 / max(d.get("ts_inference_requests_total", 0), 1),
+            "queue_ms": d.get("ts_queue_latency_microseconds", 0) / 1000 / requests,
             # the frontend's own time for a request, from its arrival to its answer leaving (the
             # client's latency less this is HTTP and the client; this less the worker's stages is
             # the queue, the hops to the worker and back, and TorchServe's Python around our handler)
-            "frontend_ms": d.get("ts_inference_latency_microseconds", 0) / 1000 / max(d.get("ts_inference_requests_total", 0), 1),
+            "frontend_ms": d.get("ts_inference_latency_microseconds", 0) / 1000 / requests,
             "worker_busy": busy / wall,
             "ms_per_batch": {s: 1000 * d[f"mrl_stage_seconds_sum:{s}"] / max(d[f"mrl_stage_seconds_count:{s}"], 1)
                              for s in stages},
