@@ -118,3 +118,65 @@ def test_the_worker_drops_torchserves_per_batch_received_line_and_nothing_else(c
         root.removeFilter(ts_handler._not_torchserve_received)
         a.close()
         b.close()
+
+
+def _frame(n: str) -> bytes:
+    """A batch the way the frontend frames it (TorchServe 0.12's wire format): ids, headers, bodies."""
+    import struct
+
+    def field(b: bytes) -> bytes:
+        return struct.pack("!i", len(b)) + b
+
+    end = struct.pack("!i", -1)
+    msg = b"I"
+    for i in range(3):
+        msg += field(f"{n}-{i}".encode())
+        for k, v in (("Host", "127.0.0.1"), ("Content-Type", "application/octet-stream"), ("X-Mrl-Top-K", str(i))):
+            msg += field(k.encode()) + field(v.encode())
+        msg += end + field(b"body") + field(b"application/octet-stream") + field(bytes(range(256)) * (40 * i + 1)) + end
+    return msg + end
+
+
+def _read_all(pieces: list[bytes], count: int):
+    """The frames sent in ``pieces`` (cut anywhere), read back with TorchServe's ``retrieve_msg``."""
+    import socket
+    import threading
+
+    from ts.protocol import otf_message_handler as otf
+
+    a, b = socket.socketpair()
+
+    def send():
+        for p in pieces:
+            a.sendall(p)
+        a.close()
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        return [otf.retrieve_msg(b) for _ in range(count)]
+    finally:
+        t.join()
+        b.close()
+
+
+def test_buffered_reads_give_torchserve_the_same_frames_and_end_as_it_does(monkeypatch):
+    from ts.protocol import otf_message_handler as otf
+
+    monkeypatch.setattr(otf, "_retrieve_buffer", otf._retrieve_buffer)  # restored after the test
+    frames = _frame("a") + _frame("b") + _frame("c")
+    cuts = [0, 1, 7, 100, 101, 5000, len(frames) // 2, len(frames) - 3, len(frames)]
+    pieces = [frames[i:j] for i, j in zip(cuts, cuts[1:])]
+    theirs = _read_all(pieces, 3)
+    assert [m[0]["requestId"] for _, m in theirs] == [b"a-0", b"b-0", b"c-0"]
+
+    ts_handler.buffer_torchserve_reads()
+    buffered = otf._retrieve_buffer
+    assert buffered.buffered
+    ts_handler.buffer_torchserve_reads()  # once per process, however often called
+    assert otf._retrieve_buffer is buffered
+    # one piece holding all three frames: the reader takes more than a frame at once and keeps the rest
+    for sent in (pieces, [frames]):
+        assert _read_all(sent, 3) == theirs
+    with pytest.raises(SystemExit):  # the frontend closed the connection mid-frame, as TorchServe ends
+        _read_all([frames[:-2]], 4)
