@@ -84,6 +84,10 @@ class _Stale(Exception):
     """A kept-alive connection the server had closed: nothing of an answer came back."""
 
 
+class _Truncated(ConnectionResetError):
+    """The server closed the connection part-way through an answer: not retried."""
+
+
 class _Connection:
     """One HTTP/1.1 keep-alive connection: a request written in one send, its answer read whole."""
 
@@ -108,6 +112,8 @@ class _Connection:
         try:
             self.sock.sendall(head.encode("latin-1") + body)
             return self._answer()
+        except _Truncated:
+            raise
         except (BrokenPipeError, ConnectionResetError, _Stale):
             if fresh:
                 raise ConnectionResetError("the server closed a new connection before it answered") from None
@@ -122,7 +128,7 @@ class _Connection:
         while b"\r\n\r\n" not in self.buf:
             if not self._fill():
                 if self.buf:
-                    raise ConnectionResetError("the server closed the connection inside an answer's headers")
+                    raise _Truncated("the server closed the connection inside an answer's headers")
                 raise _Stale()
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         lines = head.decode("latin-1").split("\r\n")
@@ -147,14 +153,14 @@ class _Connection:
     def _exactly(self, n: int) -> bytes:
         while len(self.buf) < n:
             if not self._fill():
-                raise ConnectionResetError("the server closed the connection inside an answer's body")
+                raise _Truncated("the server closed the connection inside an answer's body")
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
     def _line(self) -> bytes:
         while b"\r\n" not in self.buf:
             if not self._fill():
-                raise ConnectionResetError("the server closed the connection inside a chunked answer")
+                raise _Truncated("the server closed the connection inside a chunked answer")
         line, self.buf = self.buf.split(b"\r\n", 1)
         return line
 

@@ -92,6 +92,9 @@ def quiet_torchserve_worker(root: logging.Logger | None = None) -> None:
         root.addFilter(_not_torchserve_received)
 
 
+_READ_AHEAD = 256 * 1024  # bytes a buffered read asks for at most
+
+
 def buffer_torchserve_reads() -> None:
     """Read the frontend's frames a socket buffer at a time, not a field at a time (once per process).
 
@@ -126,9 +129,6 @@ def buffer_torchserve_reads() -> None:
 
     retrieve_buffer.buffered = True
     otf._retrieve_buffer = retrieve_buffer
-
-
-_READ_AHEAD = 256 * 1024
 
 
 class MRLHandler:

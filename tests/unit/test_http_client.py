@@ -89,3 +89,14 @@ def test_run_load_answers_every_request_once_in_order():
                        concurrency=3, count=30)
     assert [r.index for r in results] == list(range(30))
     assert all(r.status == 200 for r in results)
+
+
+def test_an_answer_cut_off_part_way_is_an_error_not_a_retry():
+    cut = _ok({"label": "a" * 100})[:-20]  # the server closes 20 bytes short of its Content-Length
+    srv = _Server([[_ok({"n": 1}), cut], [_ok({"n": 2})]])
+    c = Client(f"http://127.0.0.1:{srv.port}", None, timeout=10)
+    assert c.predict(b"x").body == {"n": 1}
+    with pytest.raises(ConnectionResetError, match="inside an answer's body"):
+        c.predict(b"x")
+    assert c.predict(b"x").body == {"n": 2}  # the next request on a new connection
+    assert srv.connections == 2
