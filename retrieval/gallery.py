@@ -75,7 +75,8 @@ def _write_data(work: Path, embeddings, labels, ids, shortlist_dims, hnsw_m, ef_
     import faiss
 
     n = len(embeddings)
-    vec = np.memmap(work / "vectors.f16", dtype=np.float16, mode="w+", shape=(n, EMBED_DIM))  # a new file
+    vec = np.memmap(_reserved(work / "vectors.f16", n * EMBED_DIM * 2), dtype=np.float16, mode="r+",
+                    shape=(n, EMBED_DIM))
     for lo in range(0, n, 8192):
         vec[lo:lo + 8192] = normalize(embeddings[lo:lo + 8192]).astype(np.float16)
     vec.flush()
@@ -100,6 +101,18 @@ def _write_data(work: Path, embeddings, labels, ids, shortlist_dims, hnsw_m, ef_
         _fsync(p)
     return {"n": n, "dim": EMBED_DIM, "shortlist_dims": list(shortlist_dims),
             "hnsw": {"M": hnsw_m, "efConstruction": ef_construction} if hnsw_m else None}
+
+
+def _reserved(path: Path, size: int) -> Path:
+    """A new file of ``size`` bytes whose blocks are allocated now: a full disk is an OSError
+    (ENOSPC) here, where writing through a map of a sparse file would kill the process (SIGBUS)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+    return path
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -19,6 +19,8 @@ from imagedata.specs import FASHION_MNIST_DIR  # noqa: E402
 from tests import deps  # noqa: E402
 from training.train_mrl import demo_preprocessing  # noqa: E402
 
+DISK_NEEDED_GIB = 10  # a fresh clone's whole suite, measured (README)
+
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot"]
 
@@ -65,3 +67,18 @@ def fashion_mnist_installed() -> Path:
 def gray_png() -> bytes:
     rng = np.random.default_rng(0)
     return encode(Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L"))
+
+
+
+def pytest_sessionstart(session):
+    """Free disk where the suite writes, printed even under -q: a full disk fails tests far from its
+    cause (an empty model log, SIGBUS in a mapped write)."""
+    import shutil
+    import tempfile
+    free = {where: shutil.disk_usage(where).free / 2**30 for where in (str(ROOT), tempfile.gettempdir())}
+    line = "disk free: " + ", ".join(f"{where} {gib:.1f} GiB" for where, gib in free.items())
+    if min(free.values()) < DISK_NEEDED_GIB:
+        line += f" (the suite writes about {DISK_NEEDED_GIB} GiB: expect failures)"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)

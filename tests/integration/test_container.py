@@ -259,13 +259,15 @@ def test_sixteen_clients_for_a_minute_no_5xx_and_memory_within_the_limit(served)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.monotonic()
-    with cf.ThreadPoolExecutor(16) as pool:
-        for seen in pool.map(client, range(16)):
-            for k, v in seen.items():
-                statuses[k] = statuses.get(k, 0) + v
+    try:
+        with cf.ThreadPoolExecutor(16) as pool:
+            for seen in pool.map(client, range(16)):
+                for k, v in seen.items():
+                    statuses[k] = statuses.get(k, 0) + v
+    finally:  # a failed client stops the sampler too, not the next module's tests
+        stop.set()
+        sampler.join()
     took = time.monotonic() - t0
-    stop.set()
-    sampler.join()
     hwm = served.peak_rss_sum()
     record = {"load_s": round(took, 1), "clients": 16, "statuses": statuses,
               "requests_per_s": round(sum(statuses.values()) / took, 1),

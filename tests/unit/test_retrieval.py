@@ -237,3 +237,40 @@ def test_a_query_that_is_not_finite_is_refused_not_answered_with_the_last_item(g
     queries[1, 5] = np.nan
     with pytest.raises(ValueError, match="query 1 holds NaN or infinite values"):
         search(gallery, queries, 5, method)
+
+
+FULL_DISK = """
+import errno, sys
+import numpy as np
+from handler.gallery import Gallery
+from retrieval.gallery import build
+folder, meta = sys.argv[1], {"checkpoint_sha256": "abc", "spec": "a"}
+rng = np.random.default_rng(0)
+build(folder, rng.normal(size=(300, 2048)).astype(np.float32), np.zeros(300, int), np.arange(300), meta,
+      hnsw_m=None)
+try:
+    build(folder, rng.normal(size=(3000, 2048)).astype(np.float32), np.zeros(3000, int), np.arange(3000), meta,
+          hnsw_m=None)
+except OSError as e:
+    print("refused", errno.errorcode[e.errno], len(Gallery.open(folder)), sorted(p.name[:2] for p in
+          __import__("pathlib").Path(folder).iterdir()))
+"""
+
+
+def test_a_build_onto_a_full_disk_is_an_error_and_the_old_gallery_stays(tmp_path):
+    """A 4 MB file system (a tmpfs in a mount namespace of its own) holds a 300-item gallery but not a
+    3000-item rebuild (12 MB of vectors): the build raises ENOSPC and leaves the served gallery as it
+    was, where writing through a map of a sparse file killed the process with SIGBUS."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    folder = tmp_path / "small"
+    folder.mkdir()
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          f'mount -t tmpfs -o size=4m tmpfs "{folder}" && exec "{sys.executable}" -c "$0" "{folder}"',
+                          FULL_DISK], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.split(None, 3)[:3] == ["refused", "ENOSPC", "300"], out.stdout
+    assert out.stdout.rstrip().endswith("['me', 'v-']"), out.stdout   # meta.json and one version, no .building
