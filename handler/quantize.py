@@ -142,7 +142,24 @@ def load_package(program: Program, path: Path) -> nn.Module:
     import_torchao()
     _check_range(program)
     batches = json.loads(Path(path).with_suffix(".json").read_text())["batches"]
-    return _StaticBatches({b: torch._inductor.aoti_load_package(str(f)) for b, f in package_files(Path(path), batches).items()})
+    return _StaticBatches({b: _load_graph(f) for b, f in package_files(Path(path), batches).items()})
+
+
+def _load_graph(package: Path):
+    """One AOTInductor package (a zip), loaded from an extraction of our own that is gone once it
+    has loaded (the library is mapped by then). torch's loader extracts into $TMPDIR/aotinductor_*
+    and removes that only when the runner is destroyed, which a worker ended by a signal never is:
+    each worker start would leave its graphs (~26 MB each) in the temp dir."""
+    import tempfile
+    import zipfile
+
+    from torch._inductor.package.package import AOTICompiledModel
+
+    with tempfile.TemporaryDirectory(prefix="mrl-aoti-") as tmp:
+        with zipfile.ZipFile(package) as z:
+            z.extractall(tmp)
+        # A folder is loaded in place and left to its owner (torch's loader, folder mode).
+        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(tmp, "model", False, 1, -1))
 
 
 @dataclass(frozen=True)

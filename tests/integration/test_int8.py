@@ -1,6 +1,9 @@
 """int8 in a real TorchServe: an archive built with --numerics int8 carries the quantized backbone and
 its AOTInductor package; its worker loads the package, says so (log lines and mrl_numerics_info),
 and answers as the same program does in process under torch.compile."""
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -24,6 +27,7 @@ def calibration_folder(tmp_path_factory, test_images):
 
 
 def test_an_int8_archive_serves_its_quantized_backbone(tiny_checkpoint, calibration_folder, test_images, tmp_path):
+    extracted = set(Path(tempfile.gettempdir()).glob("aotinductor_*"))
     with running_server(tmp_path, tiny_checkpoint, numerics="int8", int8_data=str(calibration_folder),
                         batch_size=4, batch_delay=5, workers=1) as server:
         log = (server.root / "logs" / "model_log.log").read_text(errors="replace")
@@ -34,6 +38,9 @@ def test_an_int8_archive_serves_its_quantized_backbone(tiny_checkpoint, calibrat
         assert {r.status for r in served} == {200}
         scrape = server.scrape()
         assert 'mrl_numerics_info{' in scrape and 'numerics="int8"' in scrape
+    # torch's loader leaves its extraction of each package in the temp dir when a signal ends the
+    # worker (~26 MB a package per worker start); ours is gone once the package is loaded.
+    assert set(Path(tempfile.gettempdir()).glob("aotinductor_*")) == extracted
     # The same program in process (int8.build finds the one the archive builder made).
     answers_as_in_process(served, tiny_checkpoint, int8.build(tiny_checkpoint, str(calibration_folder)), images)
 
