@@ -51,8 +51,13 @@ if [[ ! -f $wheels/.stamp || $(cat "$wheels/.stamp") != "$stamp" ]]; then
   echo "wheelhouse: $(ls "$wheels" | grep -c '\.whl$') wheels ($((SECONDS - t0)) s)" >&2
 fi
 
+previous=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 podman build --quiet --network=host -f deploy/kserve/Dockerfile \
   --build-arg BASE="$BASE" --build-arg PIP_SOURCE="--no-index --find-links /wheels" \
   -v "$PWD/$wheels:/wheels:ro" -t "$IMAGE" . >&2
+# The image this tag named before, once nothing runs it: rebuilds don't pile up untagged gigabytes.
+if [[ -n $previous && $previous != $(podman image inspect --format '{{.Id}}' "$IMAGE") ]]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "image: built in $((SECONDS - t0)) s, $(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MiB", $1 / 2^20}')" >&2
 echo "$IMAGE"
