@@ -69,7 +69,6 @@ def gray_png() -> bytes:
     return encode(Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L"))
 
 
-
 def pytest_sessionstart(session):
     """Free disk where the suite writes, printed even under -q: a full disk fails tests far from its
     cause (an empty model log, SIGBUS in a mapped write)."""
@@ -78,7 +77,7 @@ def pytest_sessionstart(session):
     free = {where: shutil.disk_usage(where).free / 2**30 for where in (str(ROOT), tempfile.gettempdir())}
     line = "disk free: " + ", ".join(f"{where} {gib:.1f} GiB" for where, gib in free.items())
     if min(free.values()) < DISK_NEEDED_GIB:
-        line += f" (the suite writes about {DISK_NEEDED_GIB} GiB: expect failures)"
+        line += f" (the suite wants {DISK_NEEDED_GIB} GiB free: expect failures)"
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
