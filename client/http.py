@@ -9,8 +9,8 @@ The client speaks HTTP/1.1 over a plain socket rather than through ``http.client
 sends shares the machine with the server it measures, and ``http.client`` parses each answer's
 headers with the email package: a 15 kB request and its answer cost 113 µs of the client's CPU
 through it and 80 µs here, the kernel's loopback work included (AMD EPYC, one thread, against a
-server that answers at once; a probe, docs/benchmarks.md "Server tuning"). It reads answers sized by Content-Length, chunked, or ended by the
-server closing the connection.
+server that answers at once; a probe, docs/benchmarks.md "Server tuning"). It reads answers sized
+by Content-Length, chunked, or ended by the server closing the connection.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ import importlib
 import json
 import logging
 import re
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,9 +152,6 @@ def _load_graph(package: Path):
     has loaded (the library is mapped by then). torch's loader extracts into $TMPDIR/aotinductor_*
     and removes that only when the runner is destroyed, which a worker ended by a signal never is:
     each worker start would leave its graphs (~26 MB each) in the temp dir."""
-    import tempfile
-    import zipfile
-
     from torch._inductor.package.package import AOTICompiledModel
 
     with tempfile.TemporaryDirectory(prefix="mrl-aoti-") as tmp:
